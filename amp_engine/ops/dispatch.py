@@ -1,0 +1,121 @@
+"""Backend choice for the op layer, and the fake kernels torch.compile traces.
+
+Backends, fastest first on each device:
+  CUDA tensors: "cuda" (compiled CUDA kernels) > "triton" > "reference"
+  CPU tensors:  "cpp"  (compiled CPU kernels)  > "reference"
+"triton" also runs CPU tensors when the Triton interpreter is on
+(TRITON_INTERPRET=1, set before importing amp_engine); it is never the default
+there, being a test vehicle. `AMP_ENGINE_BACKEND` overrides the default; a
+backend asked for (by argument or variable) that is not usable raises.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from amp_engine import _extension
+
+BACKENDS = ("cuda", "triton", "cpp", "reference")
+_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason(device_type: str) -> str | None:
+    """None if Triton can run on `device_type`, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+        return None
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device"
+    return f"Triton does not run on {device_type}"
+
+
+def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """None if `backend` can run tensors on `device`, else a sentence saying why not."""
+    dtype = torch.device(device).type
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}"
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_reason(dtype)
+    if not _extension.LOADED:
+        return f"the compiled library is not loaded ({_extension.LOAD_ERROR})"
+    if backend == "cpp":
+        if dtype != "cpu":
+            return f"'cpp' runs CPU tensors only, got {dtype}"
+        return None if _extension.has_kernels("CPU") else "no CPU kernels were built"
+    # backend == "cuda"
+    if dtype != "cuda":
+        return f"'cuda' runs CUDA tensors only, got {dtype}"
+    if not _extension.has_kernels("CUDA"):
+        return "the library was built without CUDA kernels"
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends usable for tensors on `device`, fastest first."""
+    dtype = torch.device(device).type
+    order = _PREFERENCE.get(dtype, ("reference",)) + ("triton",)
+    seen = []
+    for b in order:
+        if b not in seen and unavailable_reason(b, device) is None:
+            seen.append(b)
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _default_backend(device_type: str, env: str | None) -> str:
+    if env:
+        reason = unavailable_reason(env, device_type)
+        if reason is not None:
+            raise RuntimeError(f"AMP_ENGINE_BACKEND={env!r} cannot run on {device_type}: {reason}")
+        return env
+    for b in _PREFERENCE.get(device_type, ("reference",)):
+        if unavailable_reason(b, device_type) is None:
+            return b
+    return "reference"
+
+
+def select(backend: str | None, device: torch.device) -> str:
+    """The backend to run tensors on `device`: `backend` if given (checked), else the default."""
+    if backend is None:
+        return _default_backend(device.type, os.environ.get("AMP_ENGINE_BACKEND") or None)
+    reason = _checked(backend, device.type)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(backend: str, device_type: str) -> str | None:
+    return unavailable_reason(backend, device_type)
+
+
+def _register_fakes() -> None:
+    """Shapes-only kernels so torch.compile / FakeTensor can trace the ops."""
+
+    @torch.library.register_fake("amp_engine::unscale_and_check_")
+    def _(grads, inv_scale, found_inf, counts):
+        return None
+
+    @torch.library.register_fake("amp_engine::grad_norm_and_check")
+    def _(grads, inv_scale, found_inf, counts, per_tensor):
+        total = found_inf.new_empty((), dtype=torch.float32)
+        per = found_inf.new_empty((len(grads) if per_tensor else 0,), dtype=torch.float32)
+        return total, per
+
+    @torch.library.register_fake("amp_engine::update_scale_")
+    def _(scale, growth_tracker, hysteresis_tracker, found_inf, growth_factor, backoff_factor,
+          growth_interval, hysteresis, min_scale, max_scale):
+        return None
+
+
+if _extension.LOADED:
+    _register_fakes()

@@ -1,0 +1,38 @@
+// Every schema of the amp_engine op library, in one place. Kernels live in
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake kernels for torch.compile
+// are registered from Python (amp_engine/ops/dispatch.py).
+//
+// Conventions shared by every op (see DESIGN.md §2):
+//   * scalars that change during training (inv_scale, found_inf, scale, lr, ...)
+//     are 1-element fp32 device tensors, so nothing syncs with the host;
+//   * found_inf is a flag: set to 1.0 when something is non-finite, never reset;
+//   * a tensor list may mix dtypes (one launch per dtype group), never devices.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An importable, empty `amp_engine._C` module: importing it runs the static
+// registrations below (no pybind11, which keeps the build fast).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(amp_engine, m) {
+  // grads *= inv_scale in place; found_inf = 1 if any element is non-finite
+  // before or after scaling; counts[i] += non-finite elements of grads[i].
+  m.def(
+      "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, "
+      "Tensor(c!)? counts) -> ()");
+  // Read-only: (L2 norm of the unscaled grads as fp32 0-dim, per-tensor norms
+  // fp32 [n] when per_tensor else [0]); found_inf and counts as above.
+  m.def(
+      "grad_norm_and_check(Tensor[] grads, Tensor inv_scale, Tensor(a!) found_inf, "
+      "Tensor(b!)? counts, bool per_tensor) -> (Tensor, Tensor)");
+  // torch._amp_update_scale_ plus hysteresis and [min_scale, max_scale] bounds.
+  m.def(
+      "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
+      "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "
+      "int hysteresis, float min_scale, float max_scale) -> ()");
+}
