@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu/optim_common.h"
 
 // No fused multiply-adds (the reference has none); applies to the functions below.
@@ -34,12 +36,15 @@ struct AdamTensor {  // one param's pointers and step-dependent scalars
 enum class Decay { kNone, kDecoupled, kL2 };
 
 template <typename A, Decay D, bool kAmsgrad>
-inline void adam_math(const AdamScalars<A>& s, A bc2_sqrt, A neg_step_size, A* __restrict g,
-                      A* __restrict w, A* __restrict m, A* __restrict v, A* __restrict vmax,
-                      int64_t n) {
+inline void adam_math(const AdamScalars<A>& s, A bc2_sqrt, A neg_step_size,
+                      const A* __restrict g, A* __restrict w, A* __restrict m, A* __restrict v,
+                      A* __restrict vmax, int64_t n) {
   const A gmul = s.grad_mul;
   const bool lerp_small = s.lerp_small;
-  A den[kBlock];
+#if !defined(__NO_MATH_ERRNO__)
+  // sqrt sets errno here, so GCC will not vectorize it: a separate SIMD pass instead
+  A den[kBlock], new_m[kBlock];
+#endif
   for (int64_t k = 0; k < n; ++k) {
     // g * inv_scale, negated for maximize: the sign flip is exact, so it is folded in
     A gk = g[k] * gmul;
@@ -61,18 +66,24 @@ inline void adam_math(const AdamScalars<A>& s, A bc2_sqrt, A neg_step_size, A* _
     }
     m[k] = mk;
     v[k] = vk;
+#if defined(__NO_MATH_ERRNO__)
+    w[k] = wk + (neg_step_size * mk) / (std::sqrt(vu) / bc2_sqrt + s.eps);
+#else
     w[k] = wk;
-    g[k] = mk;
+    new_m[k] = mk;
     den[k] = vu;
+#endif
   }
+#if !defined(__NO_MATH_ERRNO__)
   sqrt_block(den, n);
   for (int64_t k = 0; k < n; ++k) {
-    w[k] = w[k] + (neg_step_size * g[k]) / (den[k] / bc2_sqrt + s.eps);
+    w[k] = w[k] + (neg_step_size * new_m[k]) / (den[k] / bc2_sqrt + s.eps);
   }
+#endif
 }
 
 template <typename A>
-inline void adam_block(const AdamScalars<A>& s, A bc2_sqrt, A nss, A* g, A* w, A* m, A* v,
+inline void adam_block(const AdamScalars<A>& s, A bc2_sqrt, A nss, const A* g, A* w, A* m, A* v,
                        A* vmax, int64_t n) {
   const Decay d = s.wd == A(0) ? Decay::kNone : (s.decoupled ? Decay::kDecoupled : Decay::kL2);
   if (s.amsgrad) {
@@ -88,23 +99,27 @@ inline void adam_block(const AdamScalars<A>& s, A bc2_sqrt, A nss, A* g, A* w, A
 
 template <typename A>
 void adam_chunk(const AdamScalars<A>& s, const AdamTensor& t, int64_t begin, int64_t end) {
-  A g[kBlock], w[kBlock];
+  constexpr c10::ScalarType kAcc = std::is_same_v<A, float> ? c10::kFloat : c10::kDouble;
+  A g_buf[kBlock], w_buf[kBlock];
   A* m = static_cast<A*>(t.m);
   A* v = static_cast<A*>(t.v);
   A* vmax = static_cast<A*>(t.vmax);
   const A bc2_sqrt = static_cast<A>(t.bc2_sqrt);
   const A nss = static_cast<A>(t.neg_step_size);
+  // Grads and weights already in A are updated in place, without a staging copy; the
+  // weight is the master (fp32) or an fp32/fp64 param. Only other dtypes are staged.
+  const A* g_mem = t.g_type == kAcc ? static_cast<const A*>(t.g) : nullptr;
+  A* w_mem = t.master ? reinterpret_cast<A*>(t.master)
+                      : (t.p_type == kAcc ? static_cast<A*>(t.p) : nullptr);
+  const bool write_param = w_mem == nullptr || t.master != nullptr;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
-    load_block<A>(t.g_type, t.g, b, g, n);
-    if (t.master) {
-      load_block<A>(c10::kFloat, t.master, b, w, n);
-    } else {
-      load_block<A>(t.p_type, t.p, b, w, n);
-    }
+    const A* g = g_mem ? g_mem + b : g_buf;
+    if (!g_mem) load_block<A>(t.g_type, t.g, b, g_buf, n);
+    A* w = w_mem ? w_mem + b : w_buf;
+    if (!w_mem) load_block<A>(t.p_type, t.p, b, w_buf, n);
     adam_block<A>(s, bc2_sqrt, nss, g, w, m + b, v + b, vmax ? vmax + b : nullptr, n);
-    if (t.master) store_block<A>(c10::kFloat, t.master, b, w, n, false, 0);
-    store_block<A>(t.p_type, t.p, b, w, n, s.sr, t.key);
+    if (write_param) store_block<A>(t.p_type, t.p, b, w, n, s.sr, t.key);
   }
 }
 

@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "cpu/optim_common.h"
 
 // No fused multiply-adds: the reference has none (see adam_step.cpp).
@@ -65,24 +67,27 @@ inline void sgd_block(const SgdScalars<A>& s, bool first, const A* g, A* w, A* b
 
 template <typename A>
 void sgd_chunk(const SgdScalars<A>& s, bool sr, const SgdTensor& t, int64_t begin, int64_t end) {
-  A g[kBlock], w[kBlock];
+  constexpr c10::ScalarType kAcc = std::is_same_v<A, float> ? c10::kFloat : c10::kDouble;
+  A g_buf[kBlock], w_buf[kBlock];
   A* buf = static_cast<A*>(t.buf);
+  // as in adam_step.cpp: grads and weights already in A are used in place
+  const A* g_mem = t.g_type == kAcc ? static_cast<const A*>(t.g) : nullptr;
+  A* w_mem = t.master ? reinterpret_cast<A*>(t.master)
+                      : (t.p_type == kAcc ? static_cast<A*>(t.p) : nullptr);
+  const bool write_param = w_mem == nullptr || t.master != nullptr;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
-    load_block<A>(t.g_type, t.g, b, g, n);
-    if (t.master) {
-      load_block<A>(c10::kFloat, t.master, b, w, n);
-    } else {
-      load_block<A>(t.p_type, t.p, b, w, n);
-    }
+    const A* g = g_mem ? g_mem + b : g_buf;
+    if (!g_mem) load_block<A>(t.g_type, t.g, b, g_buf, n);
+    A* w = w_mem ? w_mem + b : w_buf;
+    if (!w_mem) load_block<A>(t.p_type, t.p, b, w_buf, n);
     A* bb = buf ? buf + b : nullptr;
     if (s.wd != A(0)) {
       sgd_block<A, true>(s, t.first, g, w, bb, n);
     } else {
       sgd_block<A, false>(s, t.first, g, w, bb, n);
     }
-    if (t.master) store_block<A>(c10::kFloat, t.master, b, w, n, false, 0);
-    store_block<A>(t.p_type, t.p, b, w, n, sr, t.key);
+    if (write_param) store_block<A>(t.p_type, t.p, b, w, n, sr, t.key);
   }
 }
 
