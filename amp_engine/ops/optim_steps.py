@@ -3,12 +3,28 @@
 ``adam_step_`` (Adam / AdamW) and ``sgd_step_`` update a whole list of params on
 one device in one call (one launch per dtype group inside). The arithmetic
 contract, the skip rule and the stochastic-rounding bits are written down in
-:mod:`amp_engine.ops.optim_reference`, the truth every backend is tested against.
+:mod:`amp_engine.ops.optim_reference`, the truth every backend is tested against
+(tests/optim/test_step_ops.py compares bitwise).
 
-Backends: "cpp" (csrc/cpu/*_step.cpp), "cuda" (csrc/cuda), "triton" (module
-``amp_engine.ops.triton_optim`` with functions ``adam_step_`` / ``sgd_step_``
-taking the schema's arguments positionally, like the reference) and
-"reference". A backend is offered only where its kernels for these ops exist.
+Backends: "cpp" (csrc/cpu/{adam,sgd}_step.cpp), "cuda" (csrc/cuda, to come),
+"triton" (module ``amp_engine.ops.triton_optim`` with functions ``adam_step_`` /
+``sgd_step_`` taking the schema's arguments positionally, like the reference;
+this entry validates before calling it) and "reference". A backend is offered
+only where its kernels for these ops exist (``optim_backends``).
+
+For kernel writers, beyond the reference's arithmetic:
+
+* found_inf != 0 (NaN included) skips everything: params, masters, moments, steps
+  and rng_state stay bitwise unchanged; read it on the device, never sync;
+* each tensor's scalars use its own step: ``step = steps[i] + 1`` (bias
+  corrections in fp64, rounded to fp32 once); steps and rng_state[1] are
+  incremented by the kernel only when applied;
+* SR element offsets ``j``: the offset in the param's memory when the param and
+  its grad/master/moments are all dense with one layout (walk them as flat
+  arrays), else the row-major index (work on contiguous copies, write back);
+* argument checks: csrc/optim_checks.h (C++) = ``check_step_args`` (Python);
+  the SparseCPU/SparseCUDA guards of both ops are registered in
+  csrc/cpu/{adam,sgd}_step.cpp (do not register them again).
 """
 from __future__ import annotations
 

@@ -188,7 +188,9 @@ class FusedOptimizer(Optimizer):
         Reads the scaler's ``grad_scale`` / ``found_inf`` / ``clip_coef`` attributes
         when present (see the module docstring). Returns the closure's loss.
         """
-        self._accelerator_graph_capture_health_check()
+        # refuses a CUDA graph capture unless capturable=True (torch < 2.13: _cuda_ name)
+        getattr(self, "_accelerator_graph_capture_health_check",
+                getattr(self, "_cuda_graph_capture_health_check", lambda: None))()
         loss = None
         if closure is not None:
             with torch.enable_grad():
