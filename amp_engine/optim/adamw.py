@@ -31,7 +31,8 @@ class Adam(FusedOptimizer):
             (for bf16 training without masters). Seeded from torch's generator,
             checkpointed in the param group (``rng_state``).
         capturable: the step is always sync-free with step counters on the
-            device; with True a CUDA graph capture of ``step()`` is allowed.
+            device; with True a CUDA graph capture of ``step()`` is allowed (a float
+            lr is then baked into the graph: use a tensor lr to change it).
         backend: None (fastest built) or "cuda" / "triton" / "cpp" / "reference".
         foreach, fused: accepted for drop-in compatibility, ignored (always fused).
         differentiable: must be False.

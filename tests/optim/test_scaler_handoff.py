@@ -162,3 +162,35 @@ def test_step_never_reads_device_values(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     opt.grad_scale, opt.found_inf, opt.clip_coef = torch.tensor(8.0), torch.tensor(0.0), torch.tensor(0.5)
     opt.step()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sgd_skipped_first_step_leaves_no_half_initialised_buffer(backend, device):
+    """torch's fused SGD fault: after a skipped first step its momentum buffer is never
+    initialised. Ours decides on the device (step counter 0): the next applied step
+    starts the buffer from the grad, exactly like an SGD that never saw the skip."""
+    runs = []
+    for skip_first in (True, False):
+        m = model(torch.float32)
+        opt = SGD(m.parameters(), lr=0.1, momentum=0.9, backend=backend)
+        gen = torch.Generator().manual_seed(0)
+        if skip_first:
+            loss_of(m, torch.randn(4, 8)).backward()
+            opt.found_inf = torch.tensor(1.0)
+            opt.step()
+            del opt.found_inf
+        for _ in range(3):
+            opt.zero_grad()
+            loss_of(m, torch.randn(4, 8, generator=gen)).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in m.parameters()])
+    ref = model(torch.float32)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ref_opt.zero_grad()
+        loss_of(ref, torch.randn(4, 8, generator=gen)).backward()
+        ref_opt.step()
+    for a, b, c in zip(*runs, ref.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c.detach(), rtol=1e-6, atol=1e-7)
