@@ -23,10 +23,12 @@ deterministic, no atomics on floats.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -186,23 +188,21 @@ def _build_plan(key: tuple, device: torch.device, block: int) -> _Plan:
     ptrs = [key[i][0] for i in order]
     numels = [key[i][1] for i in order]
     chunks = [-(-m // block) for m in numels]
-    first, groups, c = [0] * n, [], 0
+    first, counts_by_slot, groups, c = [0] * n, [0] * n, [], 0
     for j, i in enumerate(order):
         kind = _KIND[key[i][2]]
         if not groups or groups[-1][0] != kind:
             groups.append([kind, c, 0])
-        first[i] = c
+        first[i], counts_by_slot[i] = c, chunks[j]
         c += chunks[j]
         groups[-1][2] += chunks[j]
-    counts_by_slot = [0] * n
-    for j, i in enumerate(order):
-        counts_by_slot[i] = chunks[j]
-    head = torch.tensor(ptrs + numels + order, dtype=torch.int64)
-    nch = torch.tensor(chunks, dtype=torch.int64)
-    pos = torch.repeat_interleave(torch.arange(n), nch, output_size=c)
-    start = (torch.arange(c) - (torch.cumsum(nch, 0) - nch)[pos]) * block
-    tail = torch.tensor(first + counts_by_slot, dtype=torch.int64)
-    meta = torch.cat([head, pos, start, tail])
+    # numpy, single-threaded: tiny torch CPU ops can wait on a busy thread pool
+    nch = np.array(chunks, dtype=np.int64)
+    pos = np.repeat(np.arange(n, dtype=np.int64), nch)
+    start = (np.arange(c, dtype=np.int64) - np.repeat(np.cumsum(nch) - nch, nch)) * block
+    head = np.array(ptrs + numels + order, dtype=np.int64)
+    tail = np.array(first + counts_by_slot, dtype=np.int64)
+    meta = torch.from_numpy(np.concatenate([head, pos, start, tail]))
     if device.type != "cpu":
         # pinned + non_blocking: no wait on the host; torch keeps the pinned block
         # alive until the copy has run
@@ -229,6 +229,17 @@ def _dense(grads: Sequence[Tensor]) -> list[Tensor]:
     return [g if _is_flat(g) else g.contiguous() for g in grads]
 
 
+def _launching_on(device: torch.device):
+    """Triton launches on the current device: make it the tensors' one. On the CPU
+    (interpreter), numpy would warn about the inf/NaN arithmetic the kernels exist
+    to detect; silence that."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    if device.type == "cpu":
+        return np.errstate(over="ignore", invalid="ignore")
+    return contextlib.nullcontext()
+
+
 def _launch_checks(plan, inv_scale, found_inf, counts, sumsq_ws, unscale: bool) -> None:
     has_counts = counts is not None
     for kind, chunk_base, n_chunks in plan.groups:
@@ -251,7 +262,8 @@ def unscale_and_check_(
     if not grads:
         return
     dense = _dense(grads)
-    _launch_checks(_plan(dense, found_inf.device), inv_scale, found_inf, counts, None, True)
+    with _launching_on(found_inf.device):
+        _launch_checks(_plan(dense, found_inf.device), inv_scale, found_inf, counts, None, True)
     for g, d in zip(grads, dense):
         if d is not g:
             g.copy_(d)
@@ -275,9 +287,10 @@ def grad_norm_and_check(
         plan = _plan(dense, device)
         if plan.n_chunks > 0:
             ws = torch.empty(plan.n_chunks, dtype=torch.float64, device=device)
-            _launch_checks(plan, inv_scale, found_inf, counts, ws, False)
-            _reduce_kernel[(plan.n,)](plan.meta, plan.n, plan.n_chunks, ws, sumsq,
-                                      R=_REDUCE_BLOCK, num_warps=4)
+            with _launching_on(device):
+                _launch_checks(plan, inv_scale, found_inf, counts, ws, False)
+                _reduce_kernel[(plan.n,)](plan.meta, plan.n, plan.n_chunks, ws, sumsq,
+                                          R=_REDUCE_BLOCK, num_warps=4)
     total = sumsq.sum().sqrt().float()
     per = sumsq.sqrt().float() if per_tensor else sumsq.new_empty(0, dtype=torch.float32)
     return total, per
@@ -305,8 +318,9 @@ def update_scale_(
 
     scale fp32, growth_tracker and hysteresis_tracker int32, found_inf fp32: one-element.
     """
-    _update_scale_kernel[(1,)](
-        scale, growth_tracker, hysteresis_tracker, found_inf, float(growth_factor),
-        float(backoff_factor), int(growth_interval), int(hysteresis), _to_f32(min_scale),
-        _to_f32(max_scale), num_warps=1,
-    )
+    with _launching_on(scale.device):
+        _update_scale_kernel[(1,)](
+            scale, growth_tracker, hysteresis_tracker, found_inf, float(growth_factor),
+            float(backoff_factor), int(growth_interval), int(hysteresis), _to_f32(min_scale),
+            _to_f32(max_scale), num_warps=1,
+        )
