@@ -9,7 +9,7 @@ the caller's list) and a chunk table (chunk -> tensor, offset). Each program
 handles one chunk of ``BLOCK`` elements of one tensor, so a list of any length
 costs one launch per dtype group, never one per tensor. Tables are cached by the
 tensors' (pointer, size, dtype), so a training loop that passes the same grads
-every step builds and copies them once (and the warm step is graph-capturable).
+every step builds them and copies them to the device once, not every step.
 
 Numerics (the reference's contract, bit for bit): fp32/fp16/bf16 grads are
 unscaled as ``float32(g) * inv_scale`` in fp32 and rounded to the grad's dtype at
@@ -137,6 +137,8 @@ def _update_scale_kernel(scale, growth_tracker, hysteresis_tracker, found_inf,
                          growth_factor: tl.float64, backoff_factor: tl.float64,
                          growth_interval: tl.int64, hysteresis: tl.int32,
                          min_scale: tl.float32, max_scale: tl.float32):
+    """reference.update_scale_ in one program: the factors are fp64 arguments, the
+    bounds already rounded to fp32 (as the reference's fp32 clamps see them)."""
     s = tl.load(scale)
     gt = tl.load(growth_tracker)
     ht = tl.load(hysteresis_tracker)
