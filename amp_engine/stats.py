@@ -18,7 +18,8 @@ What is kept (all on the scale's device, updated without a host sync):
 Cost per update: 7 tiny device ops, independent of the number of parameters
 apart from one row copy of ``counts`` (8 bytes per parameter). Memory:
 ``8 * (history + 2) * n_params`` bytes for the ring. Nothing is copied to the
-host until :meth:`report` / :meth:`summary` are called.
+host until :meth:`report` / :meth:`state_dict` are called (GradScaler.overflow_report,
+GradScaler.stats).
 """
 from __future__ import annotations
 
