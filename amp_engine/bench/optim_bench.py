@@ -9,10 +9,12 @@ update, with a loss scaler. Recipes (50 M params in 200 tensors by default):
      master grads, recipe A on the masters, copy the masters back into the bf16 params.
   C  torch's default: GradScaler + clip_grad_norm_ + AdamW(foreach=True) (the scaler
      syncs once per step to decide the skip).
-  amp_engine: what our GradScaler does, written with the ops directly: one read-only
+  amp_engine: GradScaler.clip_grad_norm_ + step + update with our AdamW: one read-only
      pass (grad_norm_and_check: norm + inf check), clip_coef on the device, then the
      fused step (AdamW with fp32 masters for bf16) reading each grad once and
-     multiplying it by clip_coef / scale inside, then update_scale_.
+     multiplying it by clip_coef / scale inside, then update_scale_. (A build without
+     the compiled norm kernel runs the same sequence spelled with the ops and a
+     one-pass torch._foreach_norm stand-in; the output says which.)
 
 The scale is 1.0 and max_norm is large (clip coefficient 1) in every recipe: repeated
 unscaling/clipping of the same grads would otherwise drive them subnormal, which is 50x
@@ -103,8 +105,21 @@ def recipe_b(params, device):
 
 
 def recipe_ours(params, device, **opt_kw):
-    """Our GradScaler's step, spelled with the ops: 2 passes, no host sync."""
+    """amp_engine.GradScaler.clip_grad_norm_ + step + update on our AdamW: 2 passes over
+    the grads, no host sync. Where the compiled norm kernel is missing, the same
+    sequence spelled with the ops and a one-pass norm stand-in (see _norm_and_check)."""
     opt = AdamW(params, lr=LR, weight_decay=WD, **opt_kw)
+    if _has_norm_kernel(device):
+        from amp_engine.scaler import GradScaler
+
+        scaler = GradScaler(device.type, init_scale=1.0, growth_interval=1 << 30)
+        scaler.scale(torch.ones((), device=device))
+
+        def scaler_step():
+            scaler.clip_grad_norm_(opt, MAX_NORM)
+            scaler.step(opt)
+            scaler.update()
+        return scaler_step
     grads = [p.grad for p in params]
     scale = torch.ones((), device=device)
     inv_scale = scale.double().reciprocal().float()
@@ -125,11 +140,14 @@ def recipe_ours(params, device, **opt_kw):
     return step
 
 
+def _has_norm_kernel(device) -> bool:
+    return ops.available_backends(device)[0] != "reference"
+
+
 def _norm_and_check(device):
-    """ops.grad_norm_and_check where compiled; else a one-pass stand-in with the same
-    traffic (torch._foreach_norm; found_inf from the norm being non-finite)."""
-    if ops.available_backends(device)[0] != "reference":
-        return lambda grads, inv, found: ops.grad_norm_and_check(grads, inv, found)
+    """A one-pass stand-in for ops.grad_norm_and_check with the same traffic
+    (torch._foreach_norm; found_inf from the norm being non-finite), used only
+    while the compiled norm kernel is missing from the build."""
 
     def stand_in(grads, inv, found):
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * inv
@@ -139,8 +157,9 @@ def _norm_and_check(device):
 
 
 def norm_backend(device) -> str:
-    b = ops.available_backends(device)[0]
-    return b if b != "reference" else "torch._foreach_norm stand-in"
+    if _has_norm_kernel(device):
+        return f"amp_engine.GradScaler, grad_norm_and_check ({ops.available_backends(device)[0]})"
+    return "ops spelled out, torch._foreach_norm stand-in for the norm pass"
 
 
 def cases(quick: bool):
