@@ -14,7 +14,7 @@ from amp_engine.ops import adam_step_ as adam_entry
 from amp_engine.ops import optim_reference as ref
 from amp_engine.ops import optim_steps
 from amp_engine.ops import triton_optim
-from tests.optim.kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
+from .kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
                                       run)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
