@@ -177,3 +177,20 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="nesterov"):
         cuda_sgd(st["params"], st["grads"], st["masters"], [], st["steps"], None, 0.1, None, None,
                  None, 0.0, 0.0, 0.0, True, False, False)
+
+
+@pytest.mark.parametrize("op", ["adam", "sgd"])
+def test_opcheck(op):
+    """Schema (mutated arguments), fake kernel and dispatch agree with the CUDA kernel."""
+    st = make_state(_specs(torch.bfloat16, [5, 300]), DEVICE, masters=True, momentum=True)
+    hp = _hp(lr_tensor=True, stochastic_rounding=True, momentum=0.9)
+    if op == "adam":
+        args = (st["params"], st["grads"], st["masters"], st["exp_avgs"], st["exp_avg_sqs"], [],
+                st["steps"], hp["lr_tensor"], 0.0, hp["inv_scale"], hp["found_inf"],
+                hp["rng_state"], 0.9, 0.999, 1e-8, 0.01, True, False, False, True)
+        torch.library.opcheck(torch.ops.amp_engine.adam_step_.default, args)
+    else:
+        args = (st["params"], st["grads"], st["masters"], st["momentum_buffers"], st["steps"],
+                hp["lr_tensor"], 0.0, hp["inv_scale"], hp["found_inf"], hp["rng_state"], 0.9,
+                0.0, 0.0, False, False, True)
+        torch.library.opcheck(torch.ops.amp_engine.sgd_step_.default, args)
