@@ -284,15 +284,24 @@ def sgd_step_(
 def _register_fakes() -> None:
     """Shapes-only kernels so torch.compile / FakeTensor can trace the ops."""
 
+    # The fakes validate too: a list mixing real and meta tensors lands here.
     @torch.library.register_fake("amp_engine::adam_step_")
     def _(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr,
           inv_scale, found_inf, rng_state, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
           maximize, stochastic_rounding):
+        states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+        if amsgrad:
+            states["max_exp_avg_sqs"] = max_exp_avg_sqs
+        check_step_args(params, grads, masters, states, steps, lr_tensor, lr, inv_scale,
+                        found_inf, rng_state, stochastic_rounding)
         return None
 
     @torch.library.register_fake("amp_engine::sgd_step_")
     def _(params, grads, masters, momentum_buffers, steps, lr_tensor, lr, inv_scale, found_inf,
           rng_state, momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding):
+        states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
+        check_step_args(params, grads, masters, states, steps, lr_tensor, lr, inv_scale,
+                        found_inf, rng_state, stochastic_rounding)
         return None
 
 
