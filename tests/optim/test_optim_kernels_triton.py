@@ -7,6 +7,8 @@ stochastic-rounding bits, which the reference defines.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,7 +19,11 @@ from amp_engine.ops import triton_optim
 from .kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
                                       run)
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CPU tensors only under the interpreter; the GPU only when compiling for real.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICES = ["cpu"]
+else:
+    DEVICES = ["cuda"] if torch.cuda.is_available() else []
 ADAM_KEYS = ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
              "steps", "rng_state")
 SGD_KEYS = ("params", "grads", "masters", "momentum_buffers", "steps", "rng_state")
@@ -202,13 +208,14 @@ def test_stochastic_rounding_statistics(device):
             assert not torch.equal(seen[a], seen[b])  # new bits per step and per tensor
 
 
-def test_public_entry_routes_to_triton():
-    reason = optim_steps.unavailable_reason("triton", "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_entry_routes_to_triton(device):
+    reason = optim_steps.unavailable_reason("triton", device)
     if reason is not None:
         pytest.skip(reason)
-    st = make_state(_specs(torch.float16, [5, 17]), "cpu", masters=True)
-    hp = _hp("cpu", inv=False)
-    want = run("adam", ref.adam_step_, st, hp)
+    st = make_state(_specs(torch.float16, [5, 17]), device, masters=True)
+    hp = _hp(device, inv=False)
+    want = run("adam", ref.adam_step_, st, hp, device)
     got = {k: [t.clone() for t in v] for k, v in st.items()}
     adam_entry(got["params"], got["grads"], got["masters"], got["exp_avgs"],
                got["exp_avg_sqs"], [], got["steps"], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -217,10 +224,11 @@ def test_public_entry_routes_to_triton():
     assert_state_equal(got, want, ("params", "masters", "exp_avgs", "exp_avg_sqs", "steps"))
 
 
+@pytest.mark.skipif(not DEVICES, reason="Triton needs TRITON_INTERPRET=1 or a GPU")
 def test_empty_list_and_missing_rng_state():
     triton_optim.adam_step_([], [], [], [], [], [], [], None, 1e-3, None, None, None, 0.9, 0.999,
                             1e-8, 0.0, True, False, False, False)
-    st = make_state(_specs(torch.bfloat16, [3]), "cpu", masters=True)
+    st = make_state(_specs(torch.bfloat16, [3]), DEVICES[0], masters=True)
     with pytest.raises(ValueError, match="rng_state"):
         triton_optim.sgd_step_(st["params"], st["grads"], st["masters"], [], st["steps"], None,
                                0.1, None, None, None, 0.0, 0.0, 0.0, False, False, True)
