@@ -72,7 +72,8 @@ def _launch(kernel, rows: list[list[Tensor | None]], mutated: Sequence[int], ste
     """Group by (param, grad) dtype, build the tables, launch, count the step, copy back.
 
     rows[i]: tensor i's pointer rows (param, grad, master, state...; None = absent).
-    flags(p_dtype, g_dtype) -> the group's constexpr flags beyond the dtypes.
+    flags(p_dtype, acc_dtype) -> the group's constexpr flags beyond the dtypes; hyper(acc_dtype)
+    -> the fp64 bit patterns the kernel reads (see the kernels).
     """
     device = rows[0][0].device
     writeback, groups = [], {}

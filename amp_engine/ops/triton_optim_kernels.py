@@ -43,7 +43,6 @@ else:
     _pow_f64 = libdevice.pow  # __nv_pow: what torch.pow runs for fp64 on the GPU
 
 
-
 # ------------------------------------------------------------------ device helpers
 @triton.jit
 def _f64(bits):
