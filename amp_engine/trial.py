@@ -26,6 +26,30 @@ def move_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """A batch as (inputs, targets); TypeError for anything but a pair."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(f"batch must be a pair (inputs, targets), got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+
+
+def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors inside ``obj`` cast to ``dtype`` (for weights kept in low precision)."""
+    if isinstance(obj, Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: cast_floats(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def is_plateau(scheduler: Any) -> bool:
+    """ReduceLROnPlateau steps on a metric, not per optimizer step."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
 def run_model(model: nn.Module, inputs: Any) -> Any:
     """model(x) for a tensor, model(*x) for a tuple/list, model(**x) for a dict."""
     if isinstance(inputs, Mapping):
