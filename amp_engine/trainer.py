@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from amp_engine.compat import autocast_support, check_amp_compatibility
 from amp_engine.config import MixedPrecisionConfig
-from amp_engine.conversion import (configure_memory_efficient, is_fused, low_precision_candidates,
+from amp_engine.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
                                    rebind_scheduler, set_weight_precision, to_fused_optimizer)
 from amp_engine.scaler import GradScaler
 from amp_engine.trainer_checks import StepMemory, compare_outputs, sync_metrics
@@ -84,7 +84,6 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
             self._convert_optimizer()
         if config.memory_efficient:
             if is_fused(self.optimizer):
-                configure_memory_efficient(self.optimizer, config.dtype)
                 self._low_params = low_precision_candidates(model)
             else:
                 self.logger.warning("memory_efficient ignored: it needs amp_engine's fused optimizer "
@@ -100,14 +99,17 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
             self._fall_back("compatibility check failed: " + "; ".join(report["issues"]))
 
     def _convert_optimizer(self) -> None:
-        if is_fused(self.optimizer):
+        cfg = self.config
+        overrides = memory_efficient_options(cfg.dtype) if cfg.memory_efficient else {}
+        if is_fused(self.optimizer) and not overrides:
             return
-        fused, why = to_fused_optimizer(self.optimizer)
+        fused, why = to_fused_optimizer(self.optimizer, **overrides)
         if fused is None:
             self.logger.warning("fused_optimizer: keeping %s: %s", type(self.optimizer).__name__, why)
             return
-        self.logger.info("fused_optimizer: %s replaced by %s.%s (same param groups)",
-                         type(self.optimizer).__name__, type(fused).__module__, type(fused).__name__)
+        self.logger.info("fused_optimizer: %s replaced by %s.%s (same param groups%s)",
+                         type(self.optimizer).__name__, type(fused).__module__, type(fused).__name__,
+                         f", {overrides}" if overrides else "")
         self.optimizer = fused
         if self.scheduler is not None:
             rebind_scheduler(self.scheduler, fused)
