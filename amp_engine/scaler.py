@@ -111,6 +111,7 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         self._grad_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._n_optimizers_seen = 0
         self._inv_cache: tuple | None = None
+        self._one: Tensor | None = None  # inv_scale of the read-only check
         self._param_names: dict[int, tuple[weakref.ref, str]] = {}
         self._last_step_found_inf: Tensor | bool | None = None
         self._last_update_found_inf: Tensor | None = None
@@ -182,10 +183,18 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         return found
 
     def _check_inf_per_device(self, optimizer) -> dict:
-        """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here)."""
-        self._check_scale_growth_tracker("_check_inf_per_device")
+        """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here).
+
+        With inv_scale 1.0, as torch: the grads are not unscaled in place here,
+        so the after-unscale check has nothing to guard (the fused optimizers
+        unscale in fp32, which cannot overflow for a scale >= min_scale).
+        """
+        scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
         state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = self._run_check(optimizer, state, self._inv_scale(), False)
+        one = self._one
+        if one is None or one.device != scale.device:
+            one = self._one = torch.ones((), dtype=torch.float32, device=scale.device)
+        state["found_inf_per_device"] = self._run_check(optimizer, state, one, False)
         state["grads_scaled"] = True
         return state["found_inf_per_device"]
 

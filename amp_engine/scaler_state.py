@@ -164,7 +164,7 @@ class StateMixin:
         if self._enabled:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
             state["_hysteresis_tracker"] = None
-        for key in ("_grad_cache", "_inv_cache", "_param_names", "_last_step_found_inf",
+        for key in ("_grad_cache", "_inv_cache", "_one", "_param_names", "_last_step_found_inf",
                     "_last_update_found_inf", "_n_optimizers_seen"):
             state.pop(key, None)
         return state
