@@ -113,3 +113,14 @@ def test_replace_validates():
     assert cfg.replace(dtype="bf16").dtype is torch.bfloat16
     with pytest.raises(ValueError, match="growth_interval"):
         cfg.replace(growth_interval=0)
+
+
+def test_every_field_has_an_effect_test():
+    """Each field is set by some behaviour test of the trainer (not only validated here)."""
+    import pathlib
+    import re
+
+    here = pathlib.Path(__file__).parent
+    text = "\n".join(p.read_text() for p in here.glob("test_*.py") if p.name != "test_config.py")
+    missing = [f for f in field_names() if not re.search(rf'(\b{f}=|"{f}")', text)]
+    assert missing == []
