@@ -72,7 +72,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
         self._window_amp = False  # AMP state of the accumulation window in progress
         self._micro = 0  # micro-batches done in the window in progress
         self._device: torch.device | None = None
-        self._checked_device = False
+        self._checked_dtype = False
         self._floor_run = 0
         self._n_optimizer_steps = 0  # for the log / cache-clear intervals (also without monitoring)
         self._memory = StepMemory(self)
@@ -151,8 +151,8 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
         return self._amp_wanted and self.fallback_reason is None
 
     def _start_window(self, device: torch.device, inputs: Any, targets: Any, loss_fn: LossFn) -> None:
-        if self.amp_enabled and not self._checked_device:
-            self._checked_device = True  # once: is the dtype supported on this device?
+        if self.amp_enabled and not self._checked_dtype:
+            self._checked_dtype = True  # once: is the dtype supported on this device?
             ok, why = autocast_support(device, self.config.dtype)
             if not ok:
                 self._fall_back(why)
@@ -315,18 +315,25 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
         if skipped:
             self.logger.debug("optimizer step skipped: non-finite grads (scale %s)", scale)
         if use_scaler and scale is not None:
-            # the scale stuck at its floor and still overflowing: fp16 cannot hold this model
             at_floor = skipped and scale <= self.scaler.min_scale
             self._floor_run = self._floor_run + 1 if at_floor else 0
-            if self._floor_run >= cfg.floor_patience:
-                self._fall_back(f"the loss scale sat at its floor ({self.scaler.min_scale:g}) for "
-                                f"{self._floor_run} consecutive overflowing steps")
+            if self._floor_run == cfg.floor_patience:
+                self._stuck_at_floor()
         self._n_optimizer_steps += 1
         n_steps = self._n_optimizer_steps
         if cfg.clear_cache and n_steps % cfg.clear_cache_interval == 0:
             self._clear_cache(device)
         if cfg.log_amp_stats and n_steps % cfg.log_interval == 0:
             self._log_progress(n_steps, scale)
+
+    def _stuck_at_floor(self) -> None:
+        if self.config.dtype == torch.float16:
+            # overflowing even at the smallest scale: the forward itself exceeds fp16's range
+            self._fall_back(f"the loss scale sat at its floor ({self.scaler.min_scale:g}) for "
+                            f"{self._floor_run} consecutive overflowing steps")
+        else:  # bf16 has fp32's range: fp32 would not help, the model or the data is at fault
+            self.logger.warning("%d consecutive steps skipped for non-finite grads under bf16: "
+                                "check the loss and the data for NaN/inf", self._floor_run)
 
     # ----------------------------------------------------------- validation
     @torch.no_grad()

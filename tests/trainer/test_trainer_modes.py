@@ -102,6 +102,15 @@ def test_scale_stuck_at_its_floor_falls_back():
     assert all(math.isfinite(o["loss"]) and not o["skipped"] for o in outs[4:])
 
 
+def test_bf16_never_falls_back_for_non_finite_grads(caplog):
+    t = make_trainer(dtype="bf16", floor_patience=2)
+    bad = InfAt(range(10))
+    with caplog.at_level(logging.WARNING, logger="amp_engine.trainer"):
+        outs = [t.train_step(BATCH, bad, "cpu") for _ in range(4)]
+    assert all(o["amp"] and o["skipped"] for o in outs) and t.fallback_reason is None
+    assert caplog.text.count("2 consecutive steps skipped") == 1
+
+
 class HalfHater(nn.Module):
     def __init__(self):
         super().__init__()
