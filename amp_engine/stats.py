@@ -24,6 +24,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,8 +65,16 @@ class AmpStats:
         self.ring = torch.zeros(self._rows, n, dtype=torch.int64, device=self.device)
         self.ring_steps = torch.full((self._rows,), -1, dtype=torch.int64, device=self.device)
         self.events = torch.full((1,), self._pending["events"], dtype=torch.int64, device=self.device)
-        self.floor_run = torch.full((), self._pending["floor_run"], dtype=torch.int32, device=self.device)
-        self._floor_snapshot = None  # (host tensor, event or None) on CUDA
+        if self.device.type == "cpu":
+            # host memory: keep a numpy view, made first so later reads call no tensor method
+            self._floor_host_np = np.full((), self._pending["floor_run"], dtype=np.int32)
+            self.floor_run = self._floor_host = torch.from_numpy(self._floor_host_np)
+        else:
+            self.floor_run = torch.full((), self._pending["floor_run"], dtype=torch.int32,
+                                        device=self.device)
+            self._floor_host = torch.zeros((), dtype=torch.int32, pin_memory=True)
+            self._floor_host_np = self._floor_host.numpy()
+        self._floor_event = None
 
     def columns_for(self, params: Sequence[Tensor], names: Sequence[str]) -> list[int]:
         """The counts column of each param, allocating columns for new ones."""
@@ -99,28 +108,23 @@ class AmpStats:
     def floor_run_lagged(self, every: int) -> int | None:
         """floor_run as seen at most ``every`` updates ago, never waiting on the device.
 
-        On the CPU the tensor is host memory: read directly. On CUDA an async
-        copy into pinned memory is issued every ``every`` updates and read once
-        its event has completed; None while no completed copy is available.
+        Checked every ``every`` updates. On the CPU the counter is host memory,
+        read through a numpy view made once. On CUDA an async copy into pinned
+        memory is issued and read at the next check once its event has
+        completed (None until then): no host sync either way.
         """
-        if self.device is None:
+        if self.device is None or self.updates % every:
             return None
         if self.device.type == "cpu":
-            return int(self.floor_run.numpy())  # host memory: no sync, nothing to wait for
-        if self.updates % every:
-            return None
+            return int(self._floor_host_np)
         value = None
-        if self._floor_snapshot is not None:
-            host, event = self._floor_snapshot
-            if event.query():
-                value = int(host.numpy())
-            else:
+        if self._floor_event is not None:
+            if not self._floor_event.query():
                 return None  # the previous copy is still in flight: try next time
-        host = torch.empty((), dtype=torch.int32, pin_memory=True)
-        host.copy_(self.floor_run, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._floor_snapshot = (host, event)
+            value = int(self._floor_host_np)
+        self._floor_host.copy_(self.floor_run, non_blocking=True)
+        self._floor_event = torch.cuda.Event()
+        self._floor_event.record()
         return value
 
     def floor_run_now(self) -> int:
@@ -185,7 +189,8 @@ class AmpStats:
         # tensors and weakrefs do not pickle: keep the counters, restart lazily
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("counts", "ring", "ring_steps", "events", "floor_run",
-                              "_floor_snapshot", "_columns", "_column_of")}
+                              "_floor_host", "_floor_host_np", "_floor_event",
+                              "_columns", "_column_of")}
         state["_pending"] = {"events": self.skipped_steps(),
                              "floor_run": self.floor_run_now() if self.device is not None
                              else self._pending["floor_run"]}
