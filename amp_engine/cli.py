@@ -17,6 +17,8 @@ import json
 import logging
 import sys
 
+from amp_engine.demo.run import DEFAULT_STEPS
+
 BENCHES = ("ops", "scaler", "optim")  # amp_engine.bench.<name>_bench, each with run() and main()
 
 
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small character-level transformer on text shipped with "
                                       "Python, in fp32 and with amp_engine mixed precision (same seed, same "
                                       "batches); print a comparison table and write stats JSON and plots.")
-    demo.add_argument("--steps", type=_positive_int, default=200, help="training steps per run (default 200)")
+    demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                      help=f"training steps per run (default {DEFAULT_STEPS})")
     demo.add_argument("--device", type=_device, default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     demo.add_argument("--dtype", choices=("auto", "bf16", "fp16", "both"), default="auto",
                       help="AMP dtype: auto = bf16 on CPU, fp16 (with loss scaling) and bf16 on CUDA; "

@@ -18,19 +18,22 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from amp_engine import memory
 from amp_engine.demo.corpus import Corpus, batch_offsets, make_batch
 from amp_engine.demo.model import CharTransformer, ModelShape
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# ~40 s of CPU time for both runs on one idle core of a 2-core machine (see the issue's budget)
+DEFAULT_STEPS = 150
 
 
 @dataclass
 class DemoOptions:
     """Everything that shapes a demo run (the CLI flags, plus the model shape)."""
 
-    steps: int = 200
+    steps: int = DEFAULT_STEPS
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # auto | bf16 | fp16 | both (fp16 and bf16)
     batch_size: int = 32
@@ -83,37 +86,8 @@ class RunRecord:
     amp_stats: dict
 
 
-def saved_activation_bytes(model: nn.Module, fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward while `fn()` runs.
-
-    This is the activation memory that mixed precision shrinks: measured, not
-    estimated, by hooking every save (torch.autograd.graph.saved_tensors_hooks).
-    Storages are counted once (views of one buffer share it) and the
-    parameters themselves are left out (they exist whether or not autograd
-    saves them); the low-precision weight copies autocast makes are counted.
-    """
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        ptr = s.data_ptr()
-        if ptr not in param_ptrs and ptr:
-            seen[ptr] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
-    loss.backward()  # free the graph as a real step would
-    return sum(seen.values())
-
-
 def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    n += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    for state in optimizer.state.values():
-        n += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    return n
+    return sum(part["actual"] for part in memory.state_bytes(model, optimizer).values())
 
 
 def _lr_schedule(steps: int) -> Callable[[int], float]:
@@ -138,7 +112,8 @@ def _make_trainer(opts: DemoOptions, amp_dtype: str | None, model: nn.Module,
         dtype=DTYPES[amp_dtype or "bf16"],
         growth_interval=opts.growth_interval,
         validate_amp=False,          # the demo compares fp32 and AMP itself, over the whole run
-        check_compatibility=False,
+        check_compatibility=False,   # a plain transformer: nothing to find, and it costs a trial pass
+        fused_optimizer=True,        # amp_engine's fused AdamW in every run: only the precision differs
     )
     config = MixedPrecisionConfig(**fields)
     return MixedPrecisionTrainer(config, model, optimizer, scheduler=scheduler)
@@ -181,6 +156,10 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
             rec.loss.append(float(m["loss"]))
             rec.accuracy.append(m.get("accuracy"))
             rec.step_time_s.append(dt)
+            if i == 0 and device.type == "cuda":
+                # the first step holds one-off work (the trainer's fp32 reference pass for its
+                # memory statistics, allocator warm-up): peak memory is for steady training
+                torch.cuda.reset_peak_memory_stats(device)
             rec.scale.append(None if amp_dtype is None else m.get("scale"))
             rec.skipped.append(bool(m.get("skipped", False)))
             rec.grad_norm.append(m.get("grad_norm"))
@@ -193,30 +172,35 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
     rec.wall_s = time.perf_counter() - t_run
     if device.type == "cuda":
         rec.peak_bytes = torch.cuda.max_memory_allocated(device)
-    rec.state_bytes = _state_bytes(model, optimizer)
-    rec.activation_bytes = _measure_activations(model, amp_dtype, corpus, train_offsets[0], opts, loss_fn)
+    rec.activation_bytes, rec.state_bytes = _measure_memory(
+        trainer, amp_dtype, make_batch(corpus.train, train_offsets[0], opts.context, device), loss_fn, device)
     rec.amp_stats = trainer.get_amp_stats()
     trainer.save_amp_stats(f"{opts.output}/amp_stats_{name}.json")
-    if hasattr(trainer, "cleanup"):
-        trainer.cleanup()
+    trainer.cleanup()
     if not show:
         echo(f"{name}: {opts.steps} steps in {rec.wall_s:.1f} s, final train loss {rec.loss[-1]:.3f}, "
              f"val loss {rec.val_loss[-1]:.3f}")
     return rec
 
 
-def _measure_activations(model, amp_dtype, corpus, offsets, opts, loss_fn) -> int:
-    device = opts.resolved_device()
-    x, y = make_batch(corpus.train, offsets, opts.context, device)
+def _measure_memory(trainer, amp_dtype, batch, loss_fn, device) -> tuple[int, int]:
+    """(activation bytes, state bytes) of one training step in this run's precision.
+
+    Activations: what autograd saves for backward in the forward
+    (amp_engine.memory.SavedTensorMeter: measured, parameters left out).
+    State: parameters + gradients + optimizer state (masters included), counted
+    while the gradients exist.
+    """
+    model = trainer.model
+    x, y = batch
     model.train()
-
-    def forward():
-        with torch.autocast(device.type, dtype=DTYPES[amp_dtype or "bf16"], enabled=amp_dtype is not None):
-            return loss_fn(model(x), y)
-
-    n = saved_activation_bytes(model, forward)
+    meter = memory.SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()])
+    with meter, torch.autocast(device.type, dtype=DTYPES[amp_dtype or "bf16"], enabled=amp_dtype is not None):
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    state = _state_bytes(model, trainer.optimizer)
     model.zero_grad(set_to_none=True)
-    return n
+    return meter.saved_bytes, state
 
 
 def run_all(opts: DemoOptions, corpus: Corpus, echo: Callable[[str], None]) -> dict[str, RunRecord]:
