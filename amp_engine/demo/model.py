@@ -7,6 +7,7 @@ the model is a fair, ordinary example of what users train.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,12 @@ class ModelShape:
     n_layers: int = 2
     n_heads: int = 4
     dropout: float = 0.0  # off: keeps the fp32 and AMP runs on identical randomness
+    # "sdpa" (torch's fused kernel), "explicit" (matmul, mask, softmax, matmul) or "auto":
+    # sdpa on CUDA, explicit on the CPU, where torch's fused CPU kernel runs its backward
+    # far slower in bf16 than in fp32 (fwd+bwd for the demo's shape, 1 thread, torch 2.14:
+    # sdpa 19 ms fp32 / 50 ms bf16; explicit 23 ms fp32 / 14 ms bf16). Both runs of a demo
+    # use the same model code, so the comparison stays like for like.
+    attention: str = "auto"
 
 
 class CausalSelfAttention(nn.Module):
@@ -29,7 +36,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if shape.d_model % shape.n_heads:
             raise ValueError(f"d_model={shape.d_model} must be divisible by n_heads={shape.n_heads}")
+        if shape.attention not in ("auto", "sdpa", "explicit"):
+            raise ValueError(f"attention={shape.attention!r}; allowed: 'auto', 'sdpa', 'explicit'")
         self.n_heads = shape.n_heads
+        self.attention = shape.attention
         self.qkv = nn.Linear(shape.d_model, 3 * shape.d_model)
         self.proj = nn.Linear(shape.d_model, shape.d_model)
         self.dropout = shape.dropout
@@ -39,8 +49,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(d, dim=2)
         # (B, T, D) -> (B, heads, T, D/heads)
         q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        kind = self.attention if self.attention != "auto" else ("sdpa" if x.is_cuda else "explicit")
+        if kind == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # under autocast the two matmuls run in low precision, softmax in fp32 (autocast's lists)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            att = F.dropout(att, self.dropout, self.training)
+            y = att @ v
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

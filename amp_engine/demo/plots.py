@@ -64,12 +64,12 @@ def draw_scale(ax, records: dict[str, RunRecord]) -> None:
         else:
             ax.plot([], [], " ", label=f"{name}: no skipped steps")
         if len(set(scales)) == 1 and name == "bf16":
-            ax.annotate(f"bf16 keeps fp32's exponent range: no overflow to scale around,\n"
-                        f"scale stays {scales[0]:g}", (0.5, 0.35), xycoords="axes fraction",
-                        ha="center", fontsize=9, color="dimgray")
+            ax.annotate(f"bf16 has fp32's exponent range: nothing to scale around, the scale stays "
+                        f"{scales[0]:g}\n(the scaler still checks every gradient and would skip a bad step)",
+                        (steps[0], scales[0] * 1.15), ha="left", va="bottom", fontsize=8, color=_color(name))
     if drawn:
         ax.set_yscale("log", base=2)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no AMP run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("training step")
@@ -82,14 +82,27 @@ def draw_step_times(ax, records: dict[str, RunRecord]) -> None:
     all_ms = [1e3 * t for r in records.values() for t in r.step_time_s]
     lo, hi = min(all_ms), _quantile(all_ms, 0.98)  # the few warm-up outliers would squash the rest
     nb = max(10, min(40, len(all_ms) // 8))
-    bins = [lo + (hi - lo) * i / nb for i in range(nb + 1)] if hi > lo else 10
+    log = hi > 3 * lo  # runs of very different speeds (fp16 on a CPU): log axis, log bins
+    if hi <= lo:
+        bins = 10
+    elif log:
+        bins = [lo * (hi / lo) ** (i / nb) for i in range(nb + 1)]
+    else:
+        bins = [lo + (hi - lo) * i / nb for i in range(nb + 1)]
     for name, r in records.items():
         ms = [1e3 * t for t in r.step_time_s]
         med = statistics.median(ms)
         ax.hist([min(m, hi) for m in ms], bins=bins, color=_color(name), alpha=0.5,
                 label=f"{name} (median {med:.1f} ms)")
         ax.axvline(med, color=_color(name), linestyle="--", linewidth=1.5)
-    ax.set_xlabel("step time (ms; slower outliers piled up at the right edge)")
+    if log:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("step time (ms" + (", log axis" if log else "") + "; slower outliers piled up at the right edge)")
     ax.set_ylabel("number of steps")
     ax.set_title("Step time distribution (dashed: median)")
     ax.grid(alpha=0.3)

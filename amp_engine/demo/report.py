@@ -82,35 +82,43 @@ def markdown_table(summaries: dict[str, dict]) -> str:
 
 
 def verdict(summaries: dict[str, dict], device_type: str, bf16: dict, threads_note: str | None) -> list[str]:
-    """Plain sentences on speed, memory and loss of each AMP run vs fp32, slow ones included."""
+    """Plain sentences: speed, memory and loss of each AMP run vs fp32, and why
+    an AMP run was slower when it was (never hidden)."""
     base = summaries.get("fp32")
     if base is None:
         return []
-    lines = []
+    lines, why = [], []
     for name, s in summaries.items():
         if name == "fp32":
             continue
         sp, mem = s["speedup_vs_fp32"], s["memory_ratio_vs_fp32"]
         what = "peak memory" if s["peak_mb"] is not None else "saved activations"
         if sp >= 1.05:
-            speed = f"AMP ({name}) ran {sp:.2f}× as fast as fp32"
+            speed = f"{sp:.2f}× as fast as fp32"
         elif sp > 0.95:
-            speed = f"AMP ({name}) ran at about fp32's speed ({sp:.2f}×)"
+            speed = f"about as fast as fp32 ({sp:.2f}×)"
         else:
-            speed = f"AMP ({name}) was SLOWER than fp32 here ({sp:.2f}×, {1 / sp:.1f}× the step time)"
-            if device_type == "cpu":
-                speed += f". Why: {bf16['summary']}"
-                if bf16.get("native_bf16"):
-                    speed += ("; a model this small spends much of each step on casts, LayerNorm, "
-                              "softmax and the optimizer, which bf16 does not speed up")
-            else:
-                speed += (". Why: at this size the GPU is mostly waiting on kernel launches; "
-                          "try a larger --batch-size")
-        lines.append(f"{speed}; {what} {mem:.2f}× of fp32's; "
-                     f"final val loss {s['final_val_loss']:.3f} vs {base['final_val_loss']:.3f}.")
+            speed = f"SLOWER than fp32 ({sp:.2f}×: each step takes {1 / sp:.1f}× as long)"
+            why.append(_why_slower(name, device_type, bf16))
+        lines.append(f"AMP ({name}): {speed}; {what} {mem:.2f}× fp32's; final val loss "
+                     f"{s['final_val_loss']:.3f} (fp32: {base['final_val_loss']:.3f}).")
+    lines += [f"Why slower: {w}" for w in dict.fromkeys(why)]
     if threads_note and device_type == "cpu":
-        lines.append(f"CPU threads: {threads_note}. Timings on a busy machine are noisy.")
+        lines.append(f"CPU threads: {threads_note}. Timings on a shared machine are noisy.")
     return lines
+
+
+def _why_slower(name: str, device_type: str, bf16: dict) -> str:
+    if device_type != "cpu":
+        return ("a model this small leaves the GPU waiting on kernel launches and casts; "
+                "AMP's speed shows with larger matmuls (try a larger --batch-size)")
+    if name == "fp16":
+        return ("CPUs have no fast fp16 matrix math (torch emulates it), so fp16 on a CPU only "
+                "demonstrates loss scaling: use bf16 on CPUs and fp16 on GPUs")
+    if bf16.get("native_bf16"):
+        return (f"{bf16['summary']}. A model this small spends much of each step on casts, "
+                "LayerNorm, softmax and the optimizer, which bf16 does not speed up")
+    return bf16["summary"]
 
 
 def write_json(out_dir: str, records: dict[str, RunRecord], summaries: dict[str, dict], meta: dict) -> list[str]:

@@ -178,7 +178,7 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
     trainer.save_amp_stats(f"{opts.output}/amp_stats_{name}.json")
     trainer.cleanup()
     if not show:
-        echo(f"{name}: {opts.steps} steps in {rec.wall_s:.1f} s, final train loss {rec.loss[-1]:.3f}, "
+        echo(f"{name}: {opts.steps} steps in {rec.wall_s:.1f} s, last train loss {rec.loss[-1]:.3f}, "
              f"val loss {rec.val_loss[-1]:.3f}")
     return rec
 
