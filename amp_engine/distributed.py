@@ -17,7 +17,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 

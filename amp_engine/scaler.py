@@ -37,10 +37,8 @@ scale never goes below ``min_scale``. What changes:
 """
 from __future__ import annotations
 
-import logging
 import math
 import numbers
-import warnings
 import weakref
 from collections import defaultdict
 from typing import Any
@@ -52,13 +50,11 @@ from torch.amp.grad_scaler import OptState
 from amp_engine import ops
 from amp_engine.distributed import all_reduce_found_inf_
 from amp_engine.scaler_clip import ClipMixin
-from amp_engine.scaler_state import StateMixin, check_config, real, refresh_per_optimizer_state
 from amp_engine.scaler_grads import OptimizerGrads, param_groups_key
+from amp_engine.scaler_state import StateMixin, check_config, real, refresh_per_optimizer_state
 from amp_engine.stats import AmpStats
 
 __all__ = ["GradScaler", "OptState"]
-
-logger = logging.getLogger(__name__)
 
 
 class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
@@ -111,9 +107,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         self._grad_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._n_optimizers_seen = 0
         self._inv_cache: tuple | None = None
+        self._one: Tensor | None = None  # inv_scale of the read-only check
         self._param_names: dict[int, tuple[weakref.ref, str]] = {}
         self._last_step_found_inf: Tensor | bool | None = None
-        self._last_update_found_inf: Tensor | None = None
 
     # ----------------------------------------------------------- device state
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
@@ -155,6 +151,7 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         """One check (read-only) or unscale pass per device; returns found_inf per device."""
         entry = self._grads_of(optimizer)
         state["mesh"] = entry.mesh
+        state["found_inf"] = None  # new flags: the combined one is recomputed
         stats = self._stats if count else None
         found = {} if found is None else found
         inv_on = {inv_scale.device: inv_scale}
@@ -182,10 +179,18 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         return found
 
     def _check_inf_per_device(self, optimizer) -> dict:
-        """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here)."""
-        self._check_scale_growth_tracker("_check_inf_per_device")
+        """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here).
+
+        With inv_scale 1.0, as torch: the grads are not unscaled in place here,
+        so the after-unscale check has nothing to guard (the fused optimizers
+        unscale in fp32, which cannot overflow for a scale >= min_scale).
+        """
+        scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
         state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = self._run_check(optimizer, state, self._inv_scale(), False)
+        one = self._one
+        if one is None or one.device != scale.device:
+            one = self._one = torch.ones((), dtype=torch.float32, device=scale.device)
+        state["found_inf_per_device"] = self._run_check(optimizer, state, one, False)
         state["grads_scaled"] = True
         return state["found_inf_per_device"]
 
@@ -323,9 +328,10 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         """Update the scale on the device (torch's rule + hysteresis + bounds); no host sync.
 
         ``new_scale`` (float, int or one-element tensor) sets the scale instead,
-        clamped to [min_scale, max_scale]. Every ``floor_patience`` updates at
-        the floor warns (or raises, with ``raise_at_floor``); the check reads a
-        counter copied to the host asynchronously, so it never waits.
+        clamped to [min_scale, max_scale]. Once the scale has sat at min_scale
+        for ``floor_patience`` consecutive updates this warns once (or raises
+        RuntimeError, with ``raise_at_floor``); the check reads a counter copied
+        to the host asynchronously every few updates, so it never waits.
         """
         if not self._enabled:
             return
@@ -348,7 +354,6 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         if found_inf is not None:
             self._hyst()
             self._stats.record_update(found_inf, scale, self._min_scale)
-            self._last_update_found_inf = found_inf
         self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
         self._inv_cache = None
         if self._floor_patience:
@@ -371,18 +376,3 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         if not (value > 0.0 and math.isfinite(value)):
             raise ValueError(f"new_scale must be a finite number > 0, got {new_scale!r}")
         self._scale.fill_(min(max(value, self._min_scale), self._max_scale))
-
-    def _check_floor(self, run: int) -> None:
-        if run < self._floor_patience:
-            self._floor_warned = False
-            return
-        msg = (f"amp_engine.GradScaler: the loss scale has sat at its floor min_scale="
-               f"{self._min_scale:g} for {run} consecutive updates: the grads overflow (or are "
-               "NaN) at any scale. Check the loss and the model for NaN/inf (e.g. a bf16-trained "
-               "model run in fp16) rather than the scaler.")
-        if self._raise_at_floor:
-            raise RuntimeError(msg)
-        if not self._floor_warned:
-            self._floor_warned = True
-            logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)

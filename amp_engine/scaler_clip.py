@@ -88,6 +88,7 @@ class ClipMixin:
         # exactly torch.nn.utils.clip_grads_with_norm_'s coefficient, kept on the device
         clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         state["found_inf_per_device"] = found
+        state["found_inf"] = None
         state["mesh"] = entry.mesh
         state["clip_coef"] = clip_coef
         state["grads_scaled"] = True

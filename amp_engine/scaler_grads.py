@@ -27,10 +27,20 @@ def param_groups_key(optimizer) -> tuple:
     return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
 
 
+def _to_device(values: list[int], device: torch.device) -> Tensor:
+    """An int64 tensor on ``device`` without a host sync (pinned, non-blocking copy on CUDA)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class DeviceGrads:
     """The params of one optimizer that live on one device, and their counts columns."""
 
-    __slots__ = ("device", "params", "cols", "col_start", "_index")
+    __slots__ = ("device", "params", "cols", "col_start", "_index", "_view")
+    # _index: (columns, int64 index tensor on the stats device) of the last present-grads
+    # pattern; patterns rarely change, so the index is rarely rebuilt (a host->device copy)
 
     def __init__(self, device: torch.device, params: list[Tensor], cols: list[int]) -> None:
         self.device = device
@@ -40,6 +50,7 @@ class DeviceGrads:
         # a contiguous column range lets the kernels add into a view of the counts
         self.col_start = start if cols == list(range(start, start + len(cols))) else None
         self._index = None
+        self._view = (None, None)  # (the counts tensor it views, the view)
 
     def grads(self, dtensor: bool) -> tuple[list[Tensor], list[int] | None]:
         """The present grads (dense, local shards) and, if some are None, their columns."""
@@ -87,15 +98,16 @@ class DeviceGrads:
         if stats is None or stats.device is None or not stats.track_overflow:
             return None, None
         if cols is None and self.col_start is not None and self.device == stats.device:
-            return stats.counts.narrow(0, self.col_start, n), None
+            src, view = self._view
+            if src is not stats.counts:  # counts are re-allocated when columns are added
+                view = stats.counts.narrow(0, self.col_start, n)
+                self._view = (stats.counts, view)
+            return view, None
         tmp = torch.zeros(n, dtype=torch.int64, device=self.device)
-        if cols is None:
-            if self._index is None or self._index.device != stats.device:
-                self._index = torch.tensor(self.cols, dtype=torch.int64, device=stats.device)
-            index = self._index
-        else:
-            index = torch.tensor(cols, dtype=torch.int64, device=stats.device)
-        return tmp, index
+        cols = self.cols if cols is None else cols
+        if self._index is None or self._index[1].device != stats.device or self._index[0] != cols:
+            self._index = (cols, _to_device(cols, stats.device))
+        return tmp, self._index[1]
 
     @staticmethod
     def flush(stats: AmpStats, tmp: Tensor | None, index: Tensor | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import warnings
 import weakref
 from typing import Any
 
@@ -115,6 +116,21 @@ class StateMixin:
         t = self._hysteresis_tracker
         return self._init_hysteresis_tracker if t is None else int(t.item())
 
+    def _check_floor(self, run: int) -> None:
+        if run < self._floor_patience:
+            self._floor_warned = False
+            return
+        msg = (f"amp_engine.GradScaler: the loss scale has sat at its floor min_scale="
+               f"{self._min_scale:g} for {run} consecutive updates: the grads overflow (or are "
+               "NaN) at any scale. Check the loss and the model for NaN/inf (e.g. a bf16-trained "
+               "model run in fp16) rather than the scaler.")
+        if self._raise_at_floor:
+            raise RuntimeError(msg)
+        if not self._floor_warned:
+            self._floor_warned = True
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch's five entries plus hysteresis, its tracker, the bounds and the counters.
@@ -164,8 +180,8 @@ class StateMixin:
         if self._enabled:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
             state["_hysteresis_tracker"] = None
-        for key in ("_grad_cache", "_inv_cache", "_param_names", "_last_step_found_inf",
-                    "_last_update_found_inf", "_n_optimizers_seen"):
+        for key in ("_grad_cache", "_inv_cache", "_one", "_param_names", "_last_step_found_inf",
+                    "_n_optimizers_seen"):
             state.pop(key, None)
         return state
 

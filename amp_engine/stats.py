@@ -12,9 +12,10 @@ What is kept (all on the scale's device, updated without a host sync):
   the ring's next free row and advances the write position by ``found_inf``
   (0 or 1) on the device: a clean step's snapshot is simply overwritten by the
   next one, so recording "only on overflow steps" needs no host decision.
-* ``floor_run`` int32: consecutive updates that ended with the scale at its floor.
+* ``last_above_floor`` int64: the last update that ended with the scale above its
+  floor; the updates since then (``floor_run``) are the ones spent at the floor.
 
-Cost per update: ~8 tiny device ops, independent of the number of parameters
+Cost per update: 7 tiny device ops, independent of the number of parameters
 apart from one row copy of ``counts`` (8 bytes per parameter). Memory:
 ``8 * (history + 2) * n_params`` bytes for the ring. Nothing is copied to the
 host until :meth:`report` / :meth:`summary` are called.
@@ -65,16 +66,17 @@ class AmpStats:
         self.ring = torch.zeros(self._rows, n, dtype=torch.int64, device=self.device)
         self.ring_steps = torch.full((self._rows,), -1, dtype=torch.int64, device=self.device)
         self.events = torch.full((1,), self._pending["events"], dtype=torch.int64, device=self.device)
+        last_above = self.updates - 1 - self._pending["floor_run"]
         if self.device.type == "cpu":
             # host memory: keep a numpy view, made first so later reads call no tensor method
-            self._floor_host_np = np.full((), self._pending["floor_run"], dtype=np.int32)
-            self.floor_run = self._floor_host = torch.from_numpy(self._floor_host_np)
+            self._floor_host_np = np.full((), last_above, dtype=np.int64)
+            self.last_above_floor = self._floor_host = torch.from_numpy(self._floor_host_np)
         else:
-            self.floor_run = torch.full((), self._pending["floor_run"], dtype=torch.int32,
-                                        device=self.device)
-            self._floor_host = torch.zeros((), dtype=torch.int32, pin_memory=True)
+            self.last_above_floor = torch.full((), last_above, dtype=torch.int64,
+                                               device=self.device)
+            self._floor_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
             self._floor_host_np = self._floor_host.numpy()
-        self._floor_event = None
+        self._floor_event = None  # (event, updates when the copy was issued) on CUDA
 
     def columns_for(self, params: Sequence[Tensor], names: Sequence[str]) -> list[int]:
         """The counts column of each param, allocating columns for new ones."""
@@ -93,16 +95,21 @@ class AmpStats:
         return cols
 
     def record_update(self, found_inf: Tensor, scale: Tensor, min_scale: float) -> None:
-        """Account one update: found_inf (0-dim fp32, 0/1) and the scale after it."""
+        """Account one update: found_inf (0-dim fp32, exactly 0.0/1.0) and the scale after it.
+
+        7 tiny device ops, no host sync: the ring row and step are written
+        every time, the write position advances only on overflow.
+        """
+        step = self.updates
         self.updates += 1
-        overflow = found_inf.ne(0)
+        overflow = found_inf.long()
         if self.track_overflow and self.counts.numel():
             slot = self.events.remainder(self._rows)
             self.ring.index_copy_(0, slot, self.counts.unsqueeze(0))
-            self.ring_steps.index_fill_(0, slot, self.updates - 1)
+            self.ring_steps.index_fill_(0, slot, step)
         self.events.add_(overflow)
-        # consecutive updates at the floor: (run + 1) * at_floor
-        self.floor_run.add_(1).mul_(scale.le(min_scale))
+        # the last update that ended above the floor; floor_run = step - it
+        self.last_above_floor.masked_fill_(scale.gt(min_scale), step)
 
     # ------------------------------------------------------------ host reads
     def floor_run_lagged(self, every: int) -> int | None:
@@ -116,20 +123,24 @@ class AmpStats:
         if self.device is None or self.updates % every:
             return None
         if self.device.type == "cpu":
-            return int(self._floor_host_np)
+            return self.updates - 1 - int(self._floor_host_np)
         value = None
         if self._floor_event is not None:
-            if not self._floor_event.query():
+            event, updates = self._floor_event
+            if not event.query():
                 return None  # the previous copy is still in flight: try next time
-            value = int(self._floor_host_np)
-        self._floor_host.copy_(self.floor_run, non_blocking=True)
-        self._floor_event = torch.cuda.Event()
-        self._floor_event.record()
+            value = updates - 1 - int(self._floor_host_np)
+        self._floor_host.copy_(self.last_above_floor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._floor_event = (event, self.updates)
         return value
 
     def floor_run_now(self) -> int:
-        """floor_run now (syncs)."""
-        return 0 if self.device is None else int(self.floor_run.item())
+        """Consecutive updates so far that ended at the floor (syncs)."""
+        if self.device is None:
+            return self._pending["floor_run"]
+        return self.updates - 1 - int(self.last_above_floor.item())
 
     def skipped_steps(self) -> int:
         """Updates at which an overflow was found (syncs)."""
@@ -173,8 +184,7 @@ class AmpStats:
     def state_dict(self) -> dict:
         """JSON-able counters (syncs). The ring is not saved: it is diagnostics."""
         return {"steps": self.updates, "skipped_steps": self.skipped_steps(),
-                "steps_at_floor": self.floor_run_now() if self.device is not None
-                else self._pending["floor_run"]}
+                "steps_at_floor": self.floor_run_now()}
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = int(state.get("steps", self.updates))
@@ -183,17 +193,15 @@ class AmpStats:
         self._pending = {"events": events, "floor_run": floor_run}
         if self.device is not None:
             self.events.fill_(events)
-            self.floor_run.fill_(floor_run)
+            self.last_above_floor.fill_(self.updates - 1 - floor_run)
 
     def __getstate__(self) -> dict:
         # tensors and weakrefs do not pickle: keep the counters, restart lazily
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("counts", "ring", "ring_steps", "events", "floor_run",
+                 if k not in ("counts", "ring", "ring_steps", "events", "last_above_floor",
                               "_floor_host", "_floor_host_np", "_floor_event",
                               "_columns", "_column_of")}
-        state["_pending"] = {"events": self.skipped_steps(),
-                             "floor_run": self.floor_run_now() if self.device is not None
-                             else self._pending["floor_run"]}
+        state["_pending"] = {"events": self.skipped_steps(), "floor_run": self.floor_run_now()}
         state["device"] = None
         state["_columns"], state["_column_of"] = [], {}
         return state

@@ -286,3 +286,32 @@ def test_torch_own_private_members_work():
     assert list(per_device) == [torch.device("cpu")] and per_device[torch.device("cpu")].item() == 0
     assert s._per_optimizer_states[id(opt)]["stage"].name == "UNSCALED"
     assert s._get_scale_async() is s._scale and s._get_growth_tracker() == 0
+
+
+def test_torch_deprecated_grad_scaler_kwarg_contract():
+    class PassItself(torch.optim.SGD):
+        _step_supports_amp_scaling = True
+
+        def step(self, closure=None, grad_scaler=None):
+            self.got = grad_scaler
+            found = grad_scaler._check_inf_per_device(self)
+            if not sum(v.item() for v in found.values()):
+                return super().step()
+
+    for cls in (torch.amp.GradScaler, GradScaler):
+        s, opt = setup(cls, PassItself)
+        with pytest.warns(FutureWarning):
+            s.step(opt)
+        assert opt.got is s
+        s.update()
+        assert s.get_scale() == 4.0
+
+
+def test_torch_private_unscale_grads_still_works():
+    # code written against torch's internals calls _unscale_grads_ (shape-(1,) tensors)
+    s, opt = setup(GradScaler)
+    grads = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+    found = s._unscale_grads_(opt, torch.full((1,), 0.25), torch.zeros(1), True)
+    assert sum(v.item() for v in found.values()) == 0
+    for p, g in zip(opt.param_groups[0]["params"], grads):
+        assert torch.equal(p.grad, g * 0.25)

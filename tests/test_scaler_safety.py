@@ -170,3 +170,15 @@ def test_bf16_and_fp16_grads_mixed_in_one_optimizer():
         p.grad = torch.full((3,), 2.0, dtype=p.dtype)
     s.step(opt)
     assert all(torch.equal(p.detach(), torch.full((3,), 0.5, dtype=p.dtype)) for p in ps)
+
+
+def test_per_device_flags_combine_with_max_never_sum():
+    # two devices' flags (two CPU device objects stand in for two GPUs)
+    s = GradScaler("cpu")
+    s.scale(torch.ones(()))
+    state = {"found_inf_per_device": {torch.device("cpu"): torch.ones(()),
+                                      torch.device("cpu", 0): torch.ones(())},
+             "found_inf": None, "mesh": None}
+    fi = s._found_inf(state)
+    assert fi.item() == 1.0
+    assert all(t.item() == 1.0 for t in state["found_inf_per_device"].values())
