@@ -26,7 +26,8 @@ multiply-adds cost at most a few ulps). ``acc`` is fp32, or fp64 for fp64 params
 * the master (or the param) gets ``w``; a param with a master gets ``w``
   rounded to its dtype: nearest-even, or for bf16 with ``stochastic_rounding``
   ``bits(w) + r`` truncated to the upper 16 bits, r a 16-bit random number
-  (NaN stays a quiet NaN). These are torch's single-tensor (foreach=False)
+  (NaN stays a quiet NaN). ``sqrt`` is correctly rounded for fp32 (fp64
+  sqrt may differ by an ulp between backends). These are torch's single-tensor (foreach=False)
   formulas, so fp32 params match torch.optim within a few ulps.
 
 Stochastic-rounding bits (identical in every backend): with ``mix32`` the
@@ -124,6 +125,12 @@ def round_bf16_stochastic(w: Tensor, r: Tensor) -> Tensor:
     return up.to(torch.int16).view(torch.bfloat16)
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded fp32 sqrt (torch's CPU sqrt is not: it may be 1 ulp off);
+    fp64 is taken as torch computes it (kernels may differ there by an ulp)."""
+    return torch.sqrt(x.double()).float() if x.dtype == torch.float32 else torch.sqrt(x)
+
+
 def _write_weight(p, master, w, keep, rng_state, index, in_memory, stochastic_rounding):
     """Store w into the master (if any) and the param, unless `keep` (skip)."""
     if master is not None:
@@ -199,7 +206,7 @@ def adam_step_(
         if amsgrad:
             v_use = torch.maximum(vmax, new_v)
             vmax.copy_(torch.where(keep, vmax, v_use))
-        denom = torch.sqrt(v_use) / bc2_sqrt + torch.tensor(eps, dtype=acc, device=p.device)
+        denom = _sqrt(v_use) / bc2_sqrt + torch.tensor(eps, dtype=acc, device=p.device)
         w = w + (neg_step_size * new_m) / denom
         m.copy_(torch.where(keep, m, new_m))
         v.copy_(torch.where(keep, v, new_v))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 from collections.abc import Sequence
 
 import torch
@@ -36,28 +37,46 @@ def _compiled(op: str, key: str) -> bool:
     return dump.startswith(f"{key}:") or f"\n{key}:" in dump
 
 
-def _implemented(backend: str) -> bool:
+_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run the optimizer ops on `device_type`, else why not."""
+    if backend not in dispatch.BACKENDS:
+        return f"unknown backend {backend!r}; allowed: {', '.join(dispatch.BACKENDS)}"
     if backend == "reference":
-        return True
-    if backend == "cpp":
-        return all(_compiled(op, "CPU") for op in _OPS)
-    if backend == "cuda":
-        return all(_compiled(op, "CUDA") for op in _OPS)
-    return importlib.util.find_spec("amp_engine.ops.triton_optim") is not None
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("amp_engine.ops.triton_optim") is None:
+            return "this build has no Triton optimizer kernels"
+        return dispatch.unavailable_reason("triton", device_type)
+    key = "CPU" if backend == "cpp" else "CUDA"
+    if device_type != key.lower():
+        return f"{backend!r} runs {key} tensors only, got {device_type}"
+    if not all(_compiled(op, key) for op in _OPS):
+        return f"the compiled library has no {key} optimizer kernels"
+    if backend == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
 
 
 def optim_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run the optimizer ops on `device`, fastest first."""
-    return [b for b in dispatch.available_backends(device) if _implemented(b)]
+    dtype = torch.device(device).type
+    order = dict.fromkeys(_PREFERENCE.get(dtype, ("reference",)) + ("triton",))
+    return [b for b in order if unavailable_reason(b, dtype) is None]
 
 
 def _select(backend: str | None, device: torch.device) -> str:
-    name = dispatch.select(backend, device)
-    if _implemented(name):
-        return name
-    if backend is not None:
-        raise RuntimeError(f"backend={backend!r} has no optimizer kernels in this build")
-    return optim_backends(device)[0]  # "reference" is always there
+    if backend is None:
+        backend = os.environ.get("AMP_ENGINE_BACKEND") or None
+        if backend is None:
+            return optim_backends(device)[0]  # "reference" is always there
+    reason = unavailable_reason(backend, device.type)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run the optimizer ops on {device}: {reason}")
+    return backend
 
 
 def _python_backend(name: str):
@@ -265,15 +284,24 @@ def sgd_step_(
 def _register_fakes() -> None:
     """Shapes-only kernels so torch.compile / FakeTensor can trace the ops."""
 
+    # The fakes validate too: a list mixing real and meta tensors lands here.
     @torch.library.register_fake("amp_engine::adam_step_")
     def _(params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr,
           inv_scale, found_inf, rng_state, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
           maximize, stochastic_rounding):
+        states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+        if amsgrad:
+            states["max_exp_avg_sqs"] = max_exp_avg_sqs
+        check_step_args(params, grads, masters, states, steps, lr_tensor, lr, inv_scale,
+                        found_inf, rng_state, stochastic_rounding)
         return None
 
     @torch.library.register_fake("amp_engine::sgd_step_")
     def _(params, grads, masters, momentum_buffers, steps, lr_tensor, lr, inv_scale, found_inf,
           rng_state, momentum, dampening, weight_decay, nesterov, maximize, stochastic_rounding):
+        states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
+        check_step_args(params, grads, masters, states, steps, lr_tensor, lr, inv_scale,
+                        found_inf, rng_state, stochastic_rounding)
         return None
 
 
