@@ -3,6 +3,7 @@ from amp_engine import _extension
 from amp_engine._extension import build_info
 from amp_engine import ops
 from amp_engine import optim
+from amp_engine.scaler import GradScaler
 from amp_engine.compat import check_amp_compatibility
 from amp_engine.config import MixedPrecisionConfig
 from amp_engine.epoch import MixedPrecisionOptimizer, create_mixed_precision_optimizer

@@ -44,14 +44,17 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, _FUSED_TYPES)
 
 
-def to_fused_optimizer(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer | None, str | None]:
+def to_fused_optimizer(optimizer: torch.optim.Optimizer, **overrides: Any
+                       ) -> tuple[torch.optim.Optimizer | None, str | None]:
     """amp_engine's fused version of ``optimizer``: (new optimizer, None) or (None, why not).
 
     Same param groups (same Parameter objects, every hyper-parameter and any
     extra key such as ``initial_lr``), and the state carried over when the
-    optimizer has already stepped (moments kept in fp32).
+    optimizer has already stepped (moments kept in fp32). ``overrides`` (e.g.
+    ``master_weights``, ``stochastic_rounding``) are set in every group. An
+    amp_engine optimizer is rebuilt as its own class (to apply ``overrides``).
     """
-    cls = FUSED_OPTIMIZERS.get(type(optimizer))
+    cls = type(optimizer) if is_fused(optimizer) else FUSED_OPTIMIZERS.get(type(optimizer))
     if cls is None:
         allowed = ", ".join(f"torch.optim.{c.__name__}" for c in FUSED_OPTIMIZERS)
         return None, f"{type(optimizer).__name__} has no fused counterpart (allowed: {allowed})"
@@ -60,16 +63,30 @@ def to_fused_optimizer(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Op
     for group in optimizer.param_groups:
         if group.get("differentiable"):
             return None, "differentiable=True optimizers cannot be fused"
-        groups.append({k: v for k, v in group.items() if k not in _IMPLEMENTATION_KEYS})
+        # rng_state is made anew (seeded from torch's generator) when a group asks for it
+        kept = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_KEYS and k != "rng_state"}
+        groups.append({**kept, **overrides})
     defaults = {k: v for k, v in optimizer.defaults.items()
                 if k in accepted and k not in _IMPLEMENTATION_KEYS and k != "params"}
+    defaults.update((k, v) for k, v in overrides.items() if k in accepted)
     try:
         fused = cls(groups, **defaults)
         if optimizer.state:
-            fused.load_state_dict(optimizer.state_dict())
+            state = optimizer.state_dict()
+            for saved, group in zip(state["param_groups"], fused.param_groups):
+                saved.update(overrides)
+                if "rng_state" in group:
+                    saved["rng_state"] = group["rng_state"]
+            fused.load_state_dict(state)
     except (ValueError, TypeError, KeyError) as e:
         return None, f"{cls.__module__}.{cls.__name__} refused the settings: {e}"
     return fused, None
+
+
+def memory_efficient_options(dtype: torch.dtype) -> dict[str, bool]:
+    """Group options for weights kept in ``dtype``: bf16 -> stochastic rounding, no
+    master; fp16 -> fp32 masters."""
+    return {"master_weights": dtype == torch.float16, "stochastic_rounding": dtype == torch.bfloat16}
 
 
 def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -94,13 +111,6 @@ def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
 
     wrapper._wrapped_by_lr_sched = True
     optimizer.step = wrapper
-
-
-def configure_memory_efficient(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
-    """Set every group's master/rounding options for low-precision weights of ``dtype``."""
-    for group in optimizer.param_groups:
-        group["master_weights"] = dtype == torch.float16
-        group["stochastic_rounding"] = dtype == torch.bfloat16
 
 
 def low_precision_candidates(model: nn.Module) -> list[nn.Parameter]:
@@ -140,7 +150,7 @@ def set_weight_precision(params: list[nn.Parameter], optimizer: torch.optim.Opti
                 master = state.pop("master", None) if state else None
                 p.data = master if master is not None else p.data.float()
             else:
-                if state and is_fused(optimizer) and optimizer.needs_master(p.data.to(dtype), group):
+                if state and is_fused(optimizer) and optimizer.needs_master(p.new_empty(0, dtype=dtype), group):
                     state["master"] = p.data.float().clone()
                 p.data = p.data.to(dtype)
     for p in params:  # params the optimizer does not hold (frozen): just cast

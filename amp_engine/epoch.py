@@ -32,6 +32,18 @@ def _batch_size(batch: Any) -> int:
     return 1
 
 
+def _move(model: nn.Module, optimizer: Any, device: torch.device) -> None:
+    """model.to(device), keeping the Parameter objects the optimizer holds."""
+    if isinstance(optimizer, torch.optim.Optimizer) and optimizer.state:
+        raise ValueError(f"the model is on {model_device(model)}, device={str(device)!r}, and the "
+                         "optimizer already has state there: move both before training")
+    before = [id(p) for p in model.parameters()]
+    model.to(device)
+    if [id(p) for p in model.parameters()] != before:
+        raise ValueError(f"moving the model to {device} replaced its Parameter objects, so the optimizer "
+                         "no longer holds them: move the model (model.to(device)) before creating the optimizer")
+
+
 class _Mean:
     """Sample-weighted running mean of a per-batch metric (None values skipped)."""
 
@@ -52,9 +64,9 @@ class MixedPrecisionOptimizer:
     """Trains ``model`` epoch by epoch with mixed precision.
 
     Args:
-        model: the module; moved to ``device`` if it is elsewhere and the optimizer
-            has no state yet (Parameter objects stay the same, so the optimizer
-            keeps working).
+        model: the module; moved to ``device`` if it is elsewhere, provided the
+            optimizer has no state yet and the move keeps the Parameter objects
+            (CPU <-> CUDA does); else ValueError: move it before making the optimizer.
         optimizer: a torch optimizer over ``model``'s parameters.
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
         device: where training runs ("cpu", "cuda", torch.device).
@@ -70,10 +82,7 @@ class MixedPrecisionOptimizer:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.device = torch.device(device)
         if isinstance(model, nn.Module) and model_device(model).type != self.device.type:
-            if isinstance(optimizer, torch.optim.Optimizer) and optimizer.state:
-                raise ValueError(f"the model is on {model_device(model)}, device={str(self.device)!r}, "
-                                 "and the optimizer already has state there: move both first")
-            model.to(self.device)
+            _move(model, optimizer, self.device)
         self.loss_fn = loss_fn
         self.trainer = MixedPrecisionTrainer(config, model, optimizer, logger=logger, scheduler=scheduler)
         self.history: list[dict[str, Any]] = []
@@ -114,7 +123,7 @@ class MixedPrecisionOptimizer:
         scale = None
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {self.epoch}", unit="batch", disable=not self._show_bar(progress_bar),
-                   file=sys.stderr, dynamic_ncols=True, leave=False)
+                   file=sys.stderr, dynamic_ncols=True, leave=True)
         try:
             for batch in bar:
                 n = _batch_size(batch)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from amp_engine.compat import autocast_support, check_amp_compatibility
 from amp_engine.config import MixedPrecisionConfig
-from amp_engine.conversion import (configure_memory_efficient, is_fused, low_precision_candidates,
+from amp_engine.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
                                    rebind_scheduler, set_weight_precision, to_fused_optimizer)
 from amp_engine.scaler import GradScaler
 from amp_engine.trainer_checks import StepMemory, compare_outputs, sync_metrics
@@ -72,7 +72,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
         self._window_amp = False  # AMP state of the accumulation window in progress
         self._micro = 0  # micro-batches done in the window in progress
         self._device: torch.device | None = None
-        self._checked_device = False
+        self._checked_dtype = False
         self._floor_run = 0
         self._n_optimizer_steps = 0  # for the log / cache-clear intervals (also without monitoring)
         self._memory = StepMemory(self)
@@ -84,7 +84,6 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
             self._convert_optimizer()
         if config.memory_efficient:
             if is_fused(self.optimizer):
-                configure_memory_efficient(self.optimizer, config.dtype)
                 self._low_params = low_precision_candidates(model)
             else:
                 self.logger.warning("memory_efficient ignored: it needs amp_engine's fused optimizer "
@@ -100,14 +99,17 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
             self._fall_back("compatibility check failed: " + "; ".join(report["issues"]))
 
     def _convert_optimizer(self) -> None:
-        if is_fused(self.optimizer):
+        cfg = self.config
+        overrides = memory_efficient_options(cfg.dtype) if cfg.memory_efficient else {}
+        if is_fused(self.optimizer) and not overrides:
             return
-        fused, why = to_fused_optimizer(self.optimizer)
+        fused, why = to_fused_optimizer(self.optimizer, **overrides)
         if fused is None:
             self.logger.warning("fused_optimizer: keeping %s: %s", type(self.optimizer).__name__, why)
             return
-        self.logger.info("fused_optimizer: %s replaced by %s.%s (same param groups)",
-                         type(self.optimizer).__name__, type(fused).__module__, type(fused).__name__)
+        self.logger.info("fused_optimizer: %s replaced by %s.%s (same param groups%s)",
+                         type(self.optimizer).__name__, type(fused).__module__, type(fused).__name__,
+                         f", {overrides}" if overrides else "")
         self.optimizer = fused
         if self.scheduler is not None:
             rebind_scheduler(self.scheduler, fused)
@@ -149,8 +151,8 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
         return self._amp_wanted and self.fallback_reason is None
 
     def _start_window(self, device: torch.device, inputs: Any, targets: Any, loss_fn: LossFn) -> None:
-        if self.amp_enabled and not self._checked_device:
-            self._checked_device = True  # once: is the dtype supported on this device?
+        if self.amp_enabled and not self._checked_dtype:
+            self._checked_dtype = True  # once: is the dtype supported on this device?
             ok, why = autocast_support(device, self.config.dtype)
             if not ok:
                 self._fall_back(why)
@@ -313,18 +315,25 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
         if skipped:
             self.logger.debug("optimizer step skipped: non-finite grads (scale %s)", scale)
         if use_scaler and scale is not None:
-            # the scale stuck at its floor and still overflowing: fp16 cannot hold this model
             at_floor = skipped and scale <= self.scaler.min_scale
             self._floor_run = self._floor_run + 1 if at_floor else 0
-            if self._floor_run >= cfg.floor_patience:
-                self._fall_back(f"the loss scale sat at its floor ({self.scaler.min_scale:g}) for "
-                                f"{self._floor_run} consecutive overflowing steps")
+            if self._floor_run == cfg.floor_patience:
+                self._stuck_at_floor()
         self._n_optimizer_steps += 1
         n_steps = self._n_optimizer_steps
         if cfg.clear_cache and n_steps % cfg.clear_cache_interval == 0:
             self._clear_cache(device)
         if cfg.log_amp_stats and n_steps % cfg.log_interval == 0:
             self._log_progress(n_steps, scale)
+
+    def _stuck_at_floor(self) -> None:
+        if self.config.dtype == torch.float16:
+            # overflowing even at the smallest scale: the forward itself exceeds fp16's range
+            self._fall_back(f"the loss scale sat at its floor ({self.scaler.min_scale:g}) for "
+                            f"{self._floor_run} consecutive overflowing steps")
+        else:  # bf16 has fp32's range: fp32 would not help, the model or the data is at fault
+            self.logger.warning("%d consecutive steps skipped for non-finite grads under bf16: "
+                                "check the loss and the data for NaN/inf", self._floor_run)
 
     # ----------------------------------------------------------- validation
     @torch.no_grad()
