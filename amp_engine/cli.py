@@ -152,9 +152,11 @@ def cmd_bench(args) -> int:
         if args.min_run_time is not None and "min_run_time" in inspect.signature(module.run).parameters:
             kwargs["min_run_time"] = args.min_run_time
         print(f"running {name} benchmarks on {device}{' (quick)' if args.quick else ''} ...", flush=True)
-        r, env, gbps = module.run(device, args.quick, **kwargs)
-        rows += r
-        copy_gbps[name] = gbps
+        # run() -> (rows, env) or (rows, env, copy GB/s): overhead benches have no bandwidth
+        result = module.run(device, args.quick, **kwargs)
+        rows += result[0]
+        env = result[1]
+        copy_gbps[name] = result[2] if len(result) > 2 else None
     for s in skipped:
         print(f"skipped: {s}")
     if not rows:
@@ -162,16 +164,67 @@ def cmd_bench(args) -> int:
         return 1
     where = env.get("gpu", env.get("cpu", "?"))
     bw = ", ".join(f"{n} {g:.1f} GB/s" for n, g in copy_gbps.items() if g)
-    print(f"\n# amp-engine bench on {where} ({env['device']}, torch {env['torch']}); copy bandwidth: {bw}\n")
+    bw = f"; copy bandwidth (same run): {bw}" if bw else ""
+    print(f"\n# amp-engine bench on {where} ({env['device']}, torch {env['torch']}){bw}\n")
     print(common.markdown_table(rows))
+    note = _reference_note(device)
+    if note:
+        print(f"\nNote: {note}")
     env = {**env, "copy_gbps_per_bench": copy_gbps, "quick": args.quick}
-    path = common.write_results(args.output, "bench", rows, env, next(iter(copy_gbps.values()), None))
+    path = common.write_results(args.output, "bench", rows, env,
+                                next((g for g in copy_gbps.values() if g), None))
     print(f"\nwrote {path}")
     if not args.no_plot:
-        png = common.bar_chart(rows, f"{args.output}/bench.png",
-                               f"amp_engine kernels vs torch — {where} ({env['device']})")
+        png = bench_chart(rows, f"{args.output}/bench.png",
+                          f"amp_engine vs torch — {where} ({env['device']}, torch {env['torch']})")
         print(f"wrote {png}")
     return 0
+
+
+def _reference_note(device: str) -> str | None:
+    """Why amp_engine's rows ran the plain-torch reference, if they did (not our kernels)."""
+    from amp_engine.ops.dispatch import available_backends, unavailable_reason
+
+    if available_backends(device)[0] != "reference":
+        return None
+    compiled = "cuda" if device.startswith("cuda") else "cpp"
+    return (f"amp_engine's rows ran the plain-torch reference backend, not compiled kernels "
+            f"({compiled!r}: {unavailable_reason(compiled, device)}); rebuild with `pip install .` "
+            "and check `amp-engine info`.")
+
+
+def bench_chart(rows, path: str, title: str) -> str:
+    """A PNG of amp_engine's speedup over torch per (bench, case): horizontal bars,
+    one per amp_engine row (torch's own rows are the 1× line), log axis, labels
+    that stay readable with dozens of rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.speedup is not None and not r.impl.startswith("torch")]
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(13, 1.6 + 0.38 * max(1, len(shown))))
+    ys = range(len(shown))[::-1]  # first row on top
+    colors = ["tab:green" if r.speedup >= 1 else "tab:red" for r in shown]
+    ax.barh(list(ys), [r.speedup for r in shown], color=colors, height=0.7)
+    for y, r in zip(ys, shown):
+        ax.annotate(f" {r.speedup:.2f}×", (r.speedup, y), va="center", fontsize=8)
+    ax.set_yticks(list(ys), [f"{r.bench} | {r.case} | {r.impl}" for r in shown], fontsize=8)
+    ax.axvline(1.0, color="gray", linestyle="--", linewidth=1, label="torch = 1×")
+    ax.set_xscale("log")
+    speedups = [r.speedup for r in shown] or [1.0]
+    ax.set_xlim(min(0.5, min(speedups) / 1.5), max(2.0, max(speedups) * 1.6))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.set_xlabel("speedup vs torch's recipe in the same run (log axis; right of 1× = faster)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def cmd_info(args) -> int:
