@@ -33,17 +33,24 @@ def _smooth(xs: list[float]) -> list[float]:
 
 
 def draw_loss(ax, records: dict[str, RunRecord]) -> None:
-    for name, r in records.items():
+    for i, (name, r) in enumerate(records.items()):
         c = _color(name)
         ax.plot(r.step, r.loss, color=c, alpha=0.25, linewidth=0.8)
-        ax.plot(r.step, _smooth(r.loss), color=c, linewidth=2, label=f"{name} train (smoothed)")
+        # later runs drawn thinner on top, so curves that coincide stay visible
+        ax.plot(r.step, _smooth(r.loss), color=c, linewidth=max(1.2, 3.6 - 1.2 * i),
+                label=f"{name} train (smoothed)")
         ax.plot(r.val_step, r.val_loss, color=c, marker="o", linestyle="--", markersize=4,
                 label=f"{name} validation")
+    final = {n: r.val_loss[-1] for n, r in records.items() if r.val_loss}
+    if "fp32" in final and len(final) > 1:
+        note = ", ".join(f"{n} {v:.3f}" for n, v in final.items())
+        ax.text(0.5, 0.97, f"final validation loss: {note}", transform=ax.transAxes, ha="center", va="top",
+                fontsize=8, color="dimgray")
     ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy loss (nats / character)")
     ax.set_title("Loss: fp32 vs AMP (same seed, same batches)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center right")
 
 
 def draw_scale(ax, records: dict[str, RunRecord]) -> None:
