@@ -315,3 +315,19 @@ def test_torch_private_unscale_grads_still_works():
     assert sum(v.item() for v in found.values()) == 0
     for p, g in zip(opt.param_groups[0]["params"], grads):
         assert torch.equal(p.grad, g * 0.25)
+
+
+def test_resume_from_state_dict_is_exact():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    kw = dict(init_scale=2.0**6, growth_interval=3, hysteresis=2)
+    straight = GradScaler("cpu", **kw)
+    _run(straight, 8, model=copy.deepcopy(model), inf_at=(1, 2, 5, 6))
+    first = GradScaler("cpu", **kw)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    _run(first, 4, model=m, opt=opt, inf_at=(1, 2))
+    resumed = GradScaler("cpu")
+    resumed.load_state_dict(first.state_dict())
+    _run(resumed, 4, model=m, opt=opt, inf_at=(1, 2))
+    assert resumed.state_dict() == straight.state_dict()

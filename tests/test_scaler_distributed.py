@@ -70,6 +70,14 @@ def _dtensor_run(rank):
         s.update()
         out.append(s.get_scale())
     out.append(w.to_local().detach().clone())
+    # clipping DTensor grads: torch's recipe (unscale_ + clip_grad_norm_) on the full norm
+    s.scale(torch.ones(()))
+    w.grad = distribute_tensor(torch.full((4, 3), 2.0 * 4.0), mesh, [Shard(0)])  # unscaled 4.0
+    norm = s.clip_grad_norm_(opt, 1.0)
+    out.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+    s.step(opt)
+    s.update()
+    out.append(w.to_local().detach().clone())
     return out
 
 
@@ -111,6 +119,9 @@ def test_overflow_on_one_rank_skips_on_every_rank(tmp_path):
     # without the reduction the ranks disagree: the test above means something
     assert r0["no-group"][1] != r1["no-group"][1]
     for r in (r0, r1):
-        skipped0, scale0, skipped1, scale1, local = r["dtensor"]
+        skipped0, scale0, skipped1, scale1, local, norm, clipped = r["dtensor"]
         assert (skipped0, scale0, skipped1, scale1) == (True, 2.0, False, 2.0)
         assert torch.equal(local, torch.full((2, 3), 0.8))  # 1 - 0.1 * (4 / 2)
+        assert norm == pytest.approx(4.0 * 12**0.5)  # the norm over both shards
+        expected = 0.8 - 0.1 * 4.0 / (4.0 * 12**0.5 + 1e-6)
+        torch.testing.assert_close(clipped, torch.full((2, 3), expected))

@@ -16,11 +16,14 @@ would drive them subnormal (50x slower on CPUs) and measure nothing useful.
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 from amp_engine import ops
 from amp_engine.bench.common import (Row, arg_parser, environment, finish_rows, markdown_table,
-                                     time_fn, write_results)
+                                     write_results)
 from amp_engine.scaler import GradScaler
 
 TORCH = "torch.amp.GradScaler"
@@ -40,6 +43,48 @@ class _NullFusedOptimizer(_NullOptimizer):
     _step_supports_amp_scaling = True  # torch's fused contract: grad_scale + found_inf
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def paired_times(fns: dict, device, min_run_time: float, clock: str = "wall") -> dict:
+    """{impl: (median s, IQR s)} per call, timing the implementations in alternation.
+
+    On a shared machine the load changes from second to second; timing torch's
+    and our scaler in interleaved blocks (instead of one after the other) keeps
+    both under the same conditions, so their ratio is fair. ``clock="cpu"``
+    counts this process's CPU time (all its threads) instead of wall time: on a
+    CPU device that is the host time spent, whatever else the machine runs.
+    """
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    per_call = {name: [] for name in fns}
+    reps = {}
+    for name, fn in fns.items():  # warm up, and size a block to ~10 ms
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        reps[name] = max(1, int(0.01 / max(time.perf_counter() - t0, 1e-7)))
+    deadline = time.perf_counter() + min_run_time * len(fns)
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() < deadline and rounds < 200):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = now()
+            for _ in range(reps[name]):
+                fn()
+            _sync(device)
+            per_call[name].append((now() - t0) / reps[name])
+        rounds += 1
+    out = {}
+    for name, ts in per_call.items():
+        q = statistics.quantiles(ts, n=4)
+        out[name] = (statistics.median(ts), q[2] - q[0])
+    return out
+
+
 def _params(n_tensors: int, numel: int, device) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(0)
     params = []
@@ -57,10 +102,10 @@ def _scalers(device):
              GradScaler(device.type, **kwargs))]
 
 
-def bench_overhead(device, n_tensors: int, fused: bool, mrt: float) -> list[Row]:
+def bench_overhead(device, n_tensors: int, fused: bool, mrt: float, clock: str) -> list[Row]:
     params = _params(n_tensors, 64, device)
     loss = torch.ones((), device=device)
-    rows = []
+    fns = {}
     for impl, scaler in _scalers(device):
         opt = (_NullFusedOptimizer if fused else _NullOptimizer)(params)
 
@@ -69,21 +114,21 @@ def bench_overhead(device, n_tensors: int, fused: bool, mrt: float) -> list[Row]
             scaler.step(opt)
             scaler.update()
 
-        t = time_fn(step, min_run_time=mrt)
-        bench = "step overhead, " + ("fused optimizer" if fused else "plain optimizer")
-        rows.append(Row(bench, f"{n_tensors} tensors x 64 fp32", impl, t.median_s * 1e3,
-                        t.iqr_s * 1e3, extra={"us_per_tensor": t.median_s * 1e6 / n_tensors}))
-    return rows
+        fns[impl] = step
+    bench = "step overhead, " + ("fused optimizer" if fused else "plain optimizer")
+    return [Row(bench, f"{n_tensors} tensors x 64 fp32", impl, med * 1e3, iqr * 1e3,
+                extra={"us_per_tensor": med * 1e6 / n_tensors, "clock": clock})
+            for impl, (med, iqr) in paired_times(fns, device, mrt, clock).items()]
 
 
-def bench_recipe(device, n_tensors: int, numel: int, mrt: float) -> list[Row]:
-    rows = []
+def bench_recipe(device, n_tensors: int, numel: int, mrt: float, clock: str) -> list[Row]:
     loss = torch.ones((), device=device)
-    n_params = n_tensors * numel
-    case = f"{n_tensors} tensors x {numel} fp32 ({n_params / 1e6:g}M)"
+    case = f"{n_tensors} tensors x {numel} fp32 ({n_tensors * numel / 1e6:g}M)"
+    fns, keep = {}, []
     for impl, scaler in _scalers(device):
         params = _params(n_tensors, numel, device)
         opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
+        keep.append((params, opt))
         if isinstance(scaler, GradScaler):
             def step(scaler=scaler, opt=opt):
                 scaler.scale(loss)
@@ -97,32 +142,43 @@ def bench_recipe(device, n_tensors: int, numel: int, mrt: float) -> list[Row]:
                 torch.nn.utils.clip_grad_norm_(params, 1e30)
                 scaler.step(opt)
                 scaler.update()
-        t = time_fn(step, min_run_time=mrt)
-        rows.append(Row("scale+unscale+clip+step+update, fused AdamW", case, impl,
-                        t.median_s * 1e3, t.iqr_s * 1e3))
-        del params, opt
-    return rows
+        fns[impl] = step
+    return [Row("scale+unscale+clip+step+update, fused AdamW", case, impl, med * 1e3, iqr * 1e3,
+                extra={"clock": clock})
+            for impl, (med, iqr) in paired_times(fns, device, mrt, clock).items()]
 
 
-def run(device: str = "cpu", quick: bool = False) -> tuple[list[Row], dict]:
+def run(device: str = "cpu", quick: bool = False, clock: str | None = None) -> tuple[list[Row], dict]:
     dev = torch.device(device)
+    clock = clock or ("cpu" if dev.type == "cpu" else "wall")
     mrt = 0.2 if quick else 1.0
     rows: list[Row] = []
     for fused in (False, True):
         for n in (10, 1_000, 10_000):
-            rows += bench_overhead(dev, n, fused, mrt)
+            rows += bench_overhead(dev, n, fused, mrt, clock)
     recipe_cases = [(1_000, 64), (100, 10_000 if quick else 100_000)]
     for n, numel in recipe_cases:
-        rows += bench_recipe(dev, n, numel, mrt)
+        rows += bench_recipe(dev, n, numel, mrt, clock)
     finish_rows(rows, None, baseline_impl=TORCH)
-    return rows, environment(dev)
+    env = environment(dev)
+    env["clock"] = clock
+    return rows, env
 
 
 def main(argv=None) -> int:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    rows, env = run(args.device, args.quick)
+    parser = arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op CPU threads (default: torch's); 1 gives steadier "
+                             "numbers on a shared machine")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                        help="cpu: process CPU time (default on a CPU device: immune to other "
+                             "load on a shared machine); wall: wall time with device syncs")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, env = run(args.device, args.quick, args.clock)
     print(f"# bench_scaler on {env.get('gpu', env['cpu'])} ({env['device']}, torch {env['torch']}, "
-          f"{env['cpu_threads']} threads, backends {env.get('backends')})\n")
+          f"{env['cpu_threads']} threads, backends {env.get('backends')}, {env['clock']} time)\n")
     print(markdown_table(rows))
     path = write_results(args.output, "bench_scaler", rows, env)
     if path:
