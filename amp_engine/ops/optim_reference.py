@@ -40,6 +40,7 @@ if the param's tensors do not all share one dense layout):
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -125,6 +126,11 @@ def round_bf16_stochastic(w: Tensor, r: Tensor) -> Tensor:
     return up.to(torch.int16).view(torch.bfloat16)
 
 
+def _round_host(x: float, dtype: torch.dtype) -> float:
+    """x rounded to fp32 (or kept as fp64), on the host."""
+    return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
+
+
 def _sqrt(x: Tensor) -> Tensor:
     """Correctly rounded fp32 sqrt (torch's CPU sqrt is not: it may be 1 ulp off);
     fp64 is taken as torch computes it (kernels may differ there by an ulp)."""
@@ -195,8 +201,8 @@ def adam_step_(
             else:
                 g = g + torch.tensor(weight_decay, dtype=acc, device=p.device) * w
         w1 = torch.tensor(1.0 - beta1, dtype=acc, device=p.device)
-        # torch's lerp: the branch is on the weight rounded to acc (a host value: no sync)
-        if torch.tensor(1.0 - beta1, dtype=acc).item() < 0.5:
+        # torch's lerp: the branch is on the weight rounded to acc (a host value)
+        if _round_host(1.0 - beta1, acc) < 0.5:
             new_m = m + w1 * (g - m)
         else:
             new_m = g - (g - m) * (1 - w1)
