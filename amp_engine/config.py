@@ -61,7 +61,8 @@ class MixedPrecisionConfig:
             GradScaler (fp16 only). hysteresis, min_scale, max_scale: our scaler's
             extras (None = the scaler's default).
         floor_patience: after this many consecutive overflowing steps with the
-            scale at its floor, AMP is abandoned and training continues in fp32.
+            scale at its floor, fp16 AMP is abandoned and training continues in
+            fp32 (bf16, whose range is fp32's, only warns: fp32 would not help).
 
     Step
         gradient_accumulation_steps: micro-batches per optimizer step (loss / N each).

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from amp_engine.memory import SavedTensorMeter, memory_comparison, state_bytes
+from amp_engine.memory import SavedTensorMeter, cuda_pass_peak, memory_comparison, state_bytes
 from amp_engine.trial import first_tensor, isolated_pass, run_model
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class StepMemory:
             def run() -> None:
                 loss = loss_fn(run_model(model, inputs), targets)
                 loss.backward()
-            peak = _cuda_peak(run, device)
+            peak = cuda_pass_peak(run, device)
             self._fp32_reference = max(0, peak - _grad_bytes(model))
 
     @contextlib.contextmanager
@@ -154,13 +154,6 @@ class StepMemory:
             trainer.stats.record_memory(measurement)
         trainer.logger.debug("memory (%s): AMP %.3f MB vs fp32 %.3f MB", method,
                              measurement["amp_bytes"] / 1e6, measurement["fp32_bytes"] / 1e6)
-
-
-def _cuda_peak(run, device: torch.device) -> int:
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    run()
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 @torch.no_grad()

@@ -21,7 +21,9 @@ def move_to(obj: Any, device: torch.device) -> Any:
         return obj.to(device, non_blocking=True)
     if isinstance(obj, Mapping):
         return type(obj)({k: move_to(v, device) for k, v in obj.items()})
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple: positional fields
+        return type(obj)(*(move_to(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
         return type(obj)(move_to(v, device) for v in obj)
     return obj
 
