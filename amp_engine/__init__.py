@@ -7,7 +7,6 @@ from amp_engine.scaler import GradScaler
 from amp_engine.compat import check_amp_compatibility
 from amp_engine.config import MixedPrecisionConfig
 from amp_engine.epoch import MixedPrecisionOptimizer, create_mixed_precision_optimizer
-from amp_engine.scaler import GradScaler
 from amp_engine.trainer import MixedPrecisionTrainer, create_mixed_precision_trainer
 
 __version__ = "0.1.0"
