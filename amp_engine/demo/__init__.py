@@ -10,6 +10,7 @@ in pictures. Also behind `examples/mixed_precision_demo.py` and
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from collections.abc import Callable
 
@@ -33,11 +34,19 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] | None = None) -> di
     """
     echo = echo or logger.info
     device = opts.resolved_device()
+    threads_before = torch.get_num_threads()
     threads_note = None
     if device.type == "cpu":
         threads, threads_note = (opts.threads, f"{opts.threads} (--threads)") if opts.threads \
             else hardware.default_threads()
         torch.set_num_threads(threads)
+    try:
+        return _run(opts, echo, device, threads_note)
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _run(opts: DemoOptions, echo: Callable[[str], None], device: torch.device, threads_note: str | None) -> dict:
     corpus = load_corpus()
     shape = ModelShape(corpus.vocab_size, opts.context, opts.d_model, opts.n_layers, opts.n_heads)
     n_params = CharTransformer(shape).num_parameters()
@@ -75,14 +84,15 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] | None = None) -> di
         "table": table,
         "files": [],
     }
-    files = [f"{opts.output}/amp_stats_{name}.json" for name in records]
+    files = report.json_files(opts.output, records)
+    files += [os.path.join(opts.output, f"amp_stats_{name}.json") for name in records]
     if opts.plots:
         from amp_engine.demo.plots import save_plots
 
         subtitle = f"{where}, torch {torch.__version__}, {opts.steps} steps"
         files += save_plots(opts.output, records, summaries, subtitle)
     meta["files"] = files
-    files = report.write_json(opts.output, records, summaries, meta) + files
+    report.write_json(opts.output, records, summaries, meta)
     echo("")
     echo(f"wrote {len(files)} files to {opts.output}/: " + ", ".join(sorted(f.rsplit('/', 1)[-1] for f in files)))
     return {**meta, "runs": summaries}

@@ -121,10 +121,14 @@ def _why_slower(name: str, device_type: str, bf16: dict) -> str:
     return bf16["summary"]
 
 
+def json_files(out_dir: str, names) -> list[str]:
+    """The paths write_json writes: demo_summary.json, then stats_<run>.json per run."""
+    return [os.path.join(out_dir, "demo_summary.json")] + [os.path.join(out_dir, f"stats_{n}.json") for n in names]
+
+
 def write_json(out_dir: str, records: dict[str, RunRecord], summaries: dict[str, dict], meta: dict) -> list[str]:
-    """Write demo_summary.json and stats_<run>.json; returns the paths."""
+    """Write demo_summary.json and stats_<run>.json; returns their paths (json_files)."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
     for name, r in records.items():
         path = os.path.join(out_dir, f"stats_{name}.json")
         doc = {
@@ -136,11 +140,10 @@ def write_json(out_dir: str, records: dict[str, RunRecord], summaries: dict[str,
         }
         with open(path, "w") as fh:
             json.dump(doc, fh, indent=1, default=_jsonable)
-        paths.append(path)
     path = os.path.join(out_dir, "demo_summary.json")
     with open(path, "w") as fh:
         json.dump({**meta, "runs": summaries}, fh, indent=1, default=_jsonable)
-    return [path] + paths
+    return json_files(out_dir, records)
 
 
 def _jsonable(x):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -175,7 +176,7 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
     rec.activation_bytes, rec.state_bytes = _measure_memory(
         trainer, amp_dtype, make_batch(corpus.train, train_offsets[0], opts.context, device), loss_fn, device)
     rec.amp_stats = trainer.get_amp_stats()
-    trainer.save_amp_stats(f"{opts.output}/amp_stats_{name}.json")
+    trainer.save_amp_stats(os.path.join(opts.output, f"amp_stats_{name}.json"))
     trainer.cleanup()
     if not show:
         echo(f"{name}: {opts.steps} steps in {rec.wall_s:.1f} s, last train loss {rec.loss[-1]:.3f}, "

@@ -105,3 +105,14 @@ def test_no_plots_writes_json_only(tmp_path, capsys):
     assert not [f for f in files if f.endswith(".png")]
     assert {"demo_summary.json", "stats_fp32.json", "stats_bf16.json"} <= set(files)
     assert "| bf16 |" in capsys.readouterr().out
+
+
+def test_threads_restored_after_demo(tmp_path):
+    import torch
+
+    from amp_engine.demo import DemoOptions, run_demo
+
+    before = torch.get_num_threads()
+    run_demo(DemoOptions(steps=1, batch_size=2, device="cpu", output=str(tmp_path), plots=False, progress=False,
+                         threads=1 if before > 1 else 2), echo=lambda line: None)
+    assert torch.get_num_threads() == before
