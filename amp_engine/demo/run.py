@@ -8,7 +8,6 @@ the comparison isolates mixed precision.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -23,10 +22,9 @@ from amp_engine import memory
 from amp_engine.demo.corpus import Corpus, batch_offsets, make_batch
 from amp_engine.demo.model import CharTransformer, ModelShape
 
-logger = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# ~40 s of CPU time for both runs on one idle core of a 2-core machine (see the issue's budget)
+# both runs: ~30 s of CPU time; 45-75 s wall measured on a 2-core machine shared with other jobs
 DEFAULT_STEPS = 150
 
 
@@ -51,6 +49,19 @@ class DemoOptions:
     eval_every: int | None = None  # None: 8 evaluations per run
     eval_batches: int = 4
     growth_interval: int = 100    # short, so the loss scale's growth shows within a demo
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "context", "d_model", "n_layers", "n_heads", "eval_batches",
+                     "growth_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected an int >= 1")
+        if self.dtype not in ("auto", "bf16", "fp16", "both"):
+            raise ValueError(f"dtype={self.dtype!r}: allowed 'auto', 'bf16', 'fp16', 'both'")
+        if self.device != "auto" and torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N'")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads!r}: expected an int >= 1 or None")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

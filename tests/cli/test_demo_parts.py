@@ -41,3 +41,13 @@ def test_model_shapes_and_causality():
     # a change at position 10 cannot reach earlier positions
     assert torch.allclose(out.view(2, 16, -1)[:, :10], out2[:, :10])
     assert not torch.allclose(out.view(2, 16, -1)[:, 10:], out2[:, 10:])
+
+
+def test_demo_options_validated():
+    import pytest
+
+    from amp_engine.demo import DemoOptions
+
+    for bad in (dict(steps=0), dict(batch_size=-1), dict(dtype="fp8"), dict(device="tpu"), dict(threads=0)):
+        with pytest.raises((ValueError, RuntimeError), match=next(iter(bad))):
+            DemoOptions(**bad)
