@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import weakref
 from collections import defaultdict
 from typing import Any
@@ -107,7 +108,6 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         self._grad_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._n_optimizers_seen = 0
         self._inv_cache: tuple | None = None
-        self._one: Tensor | None = None  # inv_scale of the read-only check
         self._param_names: dict[int, tuple[weakref.ref, str]] = {}
         self._last_step_found_inf: Tensor | bool | None = None
 
@@ -174,23 +174,34 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
                 # retry; any other bad input raises again from the same op
                 grads, cols, _ = grp.grads_slow(entry.mesh is not None)
                 counts, index = grp.counts(stats, len(grads), cols)
-                op(grads, inv, fi, counts)
+                try:
+                    op(grads, inv, fi, counts)
+                except (ValueError, TypeError) as error:
+                    raise self._grad_error(error, cols) from None
             grp.flush(self._stats, counts, index)
         return found
+
+    def _grad_error(self, error: Exception, cols: list[int]) -> Exception:
+        """The op's error about ``grads[i]`` (its index in one call), naming the param."""
+        match = re.search(r"grads\[(\d+)\]", str(error))
+        if match is None or int(match.group(1)) >= len(cols):
+            return error
+        ref, where = self._stats._columns[cols[int(match.group(1))]]
+        name = self._names().get(id(ref()))
+        where = f"{where} ({name!r})" if name else where
+        return type(error)(f"the grad of param {where}: {error}")
 
     def _check_inf_per_device(self, optimizer) -> dict:
         """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here).
 
-        With inv_scale 1.0, as torch: the grads are not unscaled in place here,
-        so the after-unscale check has nothing to guard (the fused optimizers
-        unscale in fp32, which cannot overflow for a scale >= min_scale).
+        The check uses the real inv_scale, not torch's 1.0: the fused optimizer
+        multiplies by inv_scale when it reads the grads, and with a scale below 1
+        a finite grad can overflow there (torch's fused path then writes inf/NaN
+        into the params). For a scale >= 1 the decision is exactly torch's.
         """
-        scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
+        self._check_scale_growth_tracker("_check_inf_per_device")
         state = self._per_optimizer_states[id(optimizer)]
-        one = self._one
-        if one is None or one.device != scale.device:
-            one = self._one = torch.ones((), dtype=torch.float32, device=scale.device)
-        state["found_inf_per_device"] = self._run_check(optimizer, state, one, False)
+        state["found_inf_per_device"] = self._run_check(optimizer, state, self._inv_scale(), False)
         state["grads_scaled"] = True
         return state["found_inf_per_device"]
 

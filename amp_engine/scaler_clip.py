@@ -67,11 +67,11 @@ class ClipMixin:
             counts, index = grp.counts(self._stats, len(grads), cols)
             try:
                 norms.append(ops.grad_norm_and_check(grads, inv, fi, counts))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError) as error:
                 if grp.grads_slow(False)[2]:  # sparse grads: torch's recipe handles them
                     return self._clip_fallback(optimizer, state, max_norm, norm_type,
                                                error_if_nonfinite)
-                raise
+                raise self._grad_error(error, grp.cols if cols is None else cols) from None
             grp.flush(self._stats, counts, index)
         dev = self._scale.device
         if not norms:

@@ -118,6 +118,7 @@ class OptimizerGrads:
     def __init__(self, optimizer, stats: AmpStats, opt_index: int) -> None:
         self.key = param_groups_key(optimizer)
         by_device: dict[torch.device, tuple[list, list]] = {}
+        seen: set[int] = set()
         for gi, group in enumerate(optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
                 if not isinstance(p, Tensor):
@@ -125,6 +126,9 @@ class OptimizerGrads:
                         f"optimizer.param_groups[{gi}]['params'][{pi}] is a {type(p).__name__}; "
                         "expected a torch.Tensor"
                     )
+                if id(p) in seen:  # listed twice (torch only warns): unscale its grad once
+                    continue
+                seen.add(id(p))
                 params, names = by_device.setdefault(p.device, ([], []))
                 params.append(p)
                 names.append(f"{type(optimizer).__name__}#{opt_index}.param_groups[{gi}][{pi}]")

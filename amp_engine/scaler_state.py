@@ -12,6 +12,7 @@ import math
 import numbers
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from amp_engine.stats import named_parameter_ids
 
 logger = logging.getLogger("amp_engine.scaler")
 
+#: torch's keys (all required when loading).
+TORCH_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 #: The keys our state_dict adds to torch's.
 EXTRA_KEYS = ("hysteresis", "_hysteresis_tracker", "min_scale", "max_scale", "steps",
               "skipped_steps", "steps_at_floor")
@@ -47,6 +50,13 @@ def real(value, name: str) -> float:
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def counter(value, name: str) -> int:
+    """A saved counter: an int >= 0 (ValueError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"state_dict[{name!r}] must be an int >= 0, got {value!r}")
     return int(value)
 
 
@@ -148,28 +158,51 @@ class StateMixin:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load ours or torch's state_dict (no-op if disabled; RuntimeError if empty).
 
-        Values are validated (ValueError). A saved scale outside [min_scale,
-        max_scale] (torch's collapsed 0.0, say) is clamped into it, with a warning.
+        Every entry is checked before anything changes: a missing key, a value
+        of the wrong type or out of range raises ValueError naming it, and the
+        scaler stays as it was. A saved scale outside [min_scale, max_scale]
+        (torch's collapsed 0.0, say) is clamped into it, with a warning. Loading
+        between ``unscale_``/``step`` and ``update`` raises RuntimeError.
         """
         if not self._enabled:
             return
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict (GradScaler.state_dict()), got "
+                            f"{type(state_dict).__name__}")
         if len(state_dict) == 0:
             raise RuntimeError("The source state dict is empty, possibly because it was saved "
                                "from a disabled instance of GradScaler.")
+        if any(st["stage"] is not OptState.READY for st in self._per_optimizer_states.values()):
+            raise RuntimeError("load_state_dict() called in the middle of an iteration (after "
+                               "unscale_()/step(), before update()); load before scale()")
         sd = dict(state_dict)
+        missing = [k for k in TORCH_KEYS if k not in sd]
+        if missing:
+            raise ValueError(f"state_dict is missing {missing} (GradScaler.state_dict() writes "
+                             f"{list(TORCH_KEYS)}); got keys {sorted(map(str, sd))}")
         hysteresis = sd.get("hysteresis", self._hysteresis)
         lo, hi = sd.get("min_scale", self._min_scale), sd.get("max_scale", self._max_scale)
         scale = real(sd["scale"], "state_dict['scale']")
+        if not (math.isfinite(scale) and scale >= 0.0):
+            raise ValueError(f"state_dict['scale'] must be a finite number >= 0, got {scale!r}")
         clamped = min(max(scale, real(lo, "min_scale")), real(hi, "max_scale"))
         check_config(clamped, sd["growth_factor"], sd["backoff_factor"], sd["growth_interval"],
                      hysteresis, lo, hi)
+        counter(sd["_growth_tracker"], "_growth_tracker")
+        hyst_tracker = counter(sd.get("_hysteresis_tracker", hysteresis), "_hysteresis_tracker")
+        if hyst_tracker > hysteresis:
+            raise ValueError(f"state_dict['_hysteresis_tracker'] = {hyst_tracker} exceeds "
+                             f"hysteresis = {hysteresis}")
+        for key in ("steps", "skipped_steps", "steps_at_floor"):
+            if key in sd:
+                counter(sd[key], key)
         if clamped != scale:
             logger.warning("GradScaler.load_state_dict: scale %r clamped to %r (min_scale=%r, "
                            "max_scale=%r)", scale, clamped, lo, hi)
             sd["scale"] = clamped
         super().load_state_dict(sd)
         self._hysteresis, self._min_scale, self._max_scale = int(hysteresis), float(lo), float(hi)
-        self._init_hysteresis_tracker = int(sd.get("_hysteresis_tracker", self._hysteresis))
+        self._init_hysteresis_tracker = hyst_tracker
         if self._hysteresis_tracker is not None:
             self._hysteresis_tracker.fill_(self._init_hysteresis_tracker)
         self._stats.load_state_dict(sd)
@@ -180,7 +213,7 @@ class StateMixin:
         if self._enabled:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
             state["_hysteresis_tracker"] = None
-        for key in ("_grad_cache", "_inv_cache", "_one", "_param_names", "_last_step_found_inf",
+        for key in ("_grad_cache", "_inv_cache", "_param_names", "_last_step_found_inf",
                     "_n_optimizers_seen"):
             state.pop(key, None)
         return state

@@ -68,6 +68,11 @@ class _AmpInputs:
     def for_device(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """(inv_scale, found_inf) on `device`: fp32 one-element tensors or None."""
         if device not in self._per_device:
+            for name in ("grad_scale", "found_inf", "clip_coef"):
+                value = getattr(self, name)
+                if isinstance(value, Tensor) and value.numel() != 1:
+                    raise ValueError(f"optimizer.{name} has shape {tuple(value.shape)}; expected a "
+                                     "one-element (0-dim) tensor or a float")
             inv = None
             if self.grad_scale is not None:
                 gs = torch.as_tensor(self.grad_scale).to(device, non_blocking=True)
@@ -110,10 +115,18 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        seen: dict[int, int] = {}
         for i, p in enumerate(group["params"]):
             if torch.is_complex(p):
-                raise TypeError(f"param {i} of group {len(self.param_groups) - 1} is complex "
+                raise TypeError(f"param {i} of group {gi} is complex "
                                 f"({p.dtype}); amp_engine optimizers take real float params")
+            # torch only warns; a fused step would then update the param twice
+            first = seen.setdefault(id(p), i)
+            if first != i:
+                del self.param_groups[-1]
+                raise ValueError(f"param {i} of group {gi} is the same tensor as param {first}; "
+                                 "list each parameter once")
         _state.ensure_rng_state(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -196,8 +209,10 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         amp = _AmpInputs(self)
-        for gi, group in enumerate(self.param_groups):
-            device, split = self._collect(group, gi)
+        # every group is collected (and checked) before any is updated: a bad
+        # group raises with the params of the others still untouched
+        plan = [(group, self._collect(group, gi)) for gi, group in enumerate(self.param_groups)]
+        for group, (device, split) in plan:
             if device is None:
                 continue
             inv_scale, found_inf = amp.for_device(_local_device(split))

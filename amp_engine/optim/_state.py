@@ -57,13 +57,18 @@ def validate(optimizer, state_dict: dict[str, Any]) -> None:
         raise ValueError("state_dict must be a dict with 'state' and 'param_groups' "
                          "(what Optimizer.state_dict() returns)")
     groups, saved_groups = optimizer.param_groups, state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)) or not isinstance(state_dict["state"], dict):
+        raise ValueError("state_dict['param_groups'] must be a list and state_dict['state'] a dict")
     if len(groups) != len(saved_groups):
         raise ValueError(f"the state dict has {len(saved_groups)} param groups but the optimizer has "
                          f"{len(groups)}")
     for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
+            raise ValueError(f"param group {gi} of the state dict must be a dict with a 'params' list")
         if len(g["params"]) != len(sg["params"]):
             raise ValueError(f"param group {gi} of the state dict has {len(sg['params'])} params but "
                              f"the optimizer's has {len(g['params'])}")
+        _check_group(gi, sg, optimizer.defaults)
     id_map = dict(zip(chain.from_iterable(sg["params"] for sg in saved_groups),
                       chain.from_iterable(g["params"] for g in groups)))
     for k, st in state_dict["state"].items():
@@ -82,9 +87,53 @@ def validate(optimizer, state_dict: dict[str, Any]) -> None:
             if _shape(t) != _shape(p):
                 raise ValueError(f"state[{k}][{key!r}] has shape {_shape(t)} but param {k} has shape "
                                  f"{_shape(p)}: this state dict belongs to other params")
-        step = st.get("step")
-        if step is not None and isinstance(step, Tensor) and step.numel() != 1:
-            raise ValueError(f"state[{k}]['step'] has shape {_shape(step)}; expected one element")
+        missing = [key for key in getattr(optimizer, "_REQUIRED_STATE", ()) if key not in st]
+        if st and missing:
+            raise ValueError(f"state[{k}] has no {missing}: the checkpoint is incomplete or from "
+                             f"another optimizer than {type(optimizer).__name__}")
+        if "step" in st and not _is_number(st["step"]):
+            raise ValueError(f"state[{k}]['step'] must be a number or a one-element real tensor, got "
+                             f"{_describe(st['step'])}")
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and (x.is_floating_point() or x.dtype in (torch.int32, torch.int64))
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _describe(x: Any) -> str:
+    return f"a {x.dtype} tensor of shape {_shape(x)}" if isinstance(x, Tensor) else repr(x)
+
+
+#: hyper-parameters that must be numbers >= 0 when a saved group has them
+_NON_NEGATIVE = ("lr", "eps", "weight_decay", "momentum")
+
+
+def _check_group(gi: int, saved: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """The saved group's hyper-parameters have the types the step needs (ValueError)."""
+    def bad(key: str, want: str) -> ValueError:
+        return ValueError(f"param group {gi} of the state dict has {key}={_describe(saved[key])}; "
+                          f"expected {want}")
+
+    for key, default in defaults.items():
+        if key not in saved or key == "params":
+            continue
+        value = saved[key]
+        if key in _NON_NEGATIVE:
+            if not _is_number(value) or not float(value) >= 0.0:
+                raise bad(key, "a number >= 0")
+        elif key == "betas":
+            if not (isinstance(value, (tuple, list)) and len(value) == 2
+                    and all(_is_number(b) and 0.0 <= float(b) < 1.0 for b in value)):
+                raise bad(key, "a pair of numbers in [0, 1)")
+        elif isinstance(default, bool) or key == "master_weights":
+            if not (isinstance(value, bool) or (value is None and default is None)):
+                raise bad(key, "True or False" + (" or None" if default is None else ""))
+    rng = saved.get("rng_state")
+    if rng is not None and not (isinstance(rng, Tensor) and rng.dtype == torch.int64
+                                and _shape(rng) == (2,)):
+        raise bad("rng_state", "an int64 tensor of shape (2,) (seed, counter)")
 
 
 def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], None]) -> None:

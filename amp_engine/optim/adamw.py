@@ -42,6 +42,7 @@ class Adam(FusedOptimizer):
     """
 
     _ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # a checkpoint without them is broken
 
     def __init__(
         self,
