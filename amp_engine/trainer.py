@@ -27,6 +27,7 @@ from amp_engine.conversion import (is_fused, low_precision_candidates, memory_ef
                                    rebind_scheduler, set_weight_precision, to_fused_optimizer)
 from amp_engine.scaler import GradScaler
 from amp_engine.trainer_checks import StepMemory, compare_outputs, sync_metrics
+from amp_engine.trainer_state import TrainerStateMixin
 from amp_engine.trainer_stats import TrainerStats, TrainerStatsMixin
 from amp_engine.trial import (cast_floats, is_plateau, model_device, move_to, run_model,
                                split_batch)
@@ -34,7 +35,7 @@ from amp_engine.trial import (cast_floats, is_plateau, model_device, move_to, ru
 LossFn = Callable[[Any, Any], Tensor]
 
 
-class MixedPrecisionTrainer(TrainerStatsMixin):
+class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
     """Step-level mixed-precision training of ``model`` with ``optimizer``.
 
     Args:
@@ -46,6 +47,9 @@ class MixedPrecisionTrainer(TrainerStatsMixin):
         logger: a ``logging.Logger`` (default ``logging.getLogger("amp_engine.trainer")``).
         scheduler: an LR scheduler stepped after every *applied* optimizer step
             (not after skipped ones; ReduceLROnPlateau is left to the caller).
+
+    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (amp_engine.trainer_state)
+    save the trainer, its scaler, optimizer and scheduler; resume is bitwise exact.
     """
 
     def __init__(self, config: MixedPrecisionConfig | dict | None, model: nn.Module,
