@@ -235,6 +235,8 @@ def adam_step_(
     params, grads, masters = list(params), list(grads), list(masters)
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = (
         list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps))
+    if not params:  # nothing to update (a custom op cannot dispatch without a tensor)
+        return
     device = _device(params)
     lr_tensor, lr_f = _resolve_lr(lr, device)
     args = (params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor,
@@ -276,6 +278,8 @@ def sgd_step_(
     """
     params, grads, masters = list(params), list(grads), list(masters)
     momentum_buffers, steps = list(momentum_buffers), list(steps)
+    if not params:  # nothing to update (a custom op cannot dispatch without a tensor)
+        return
     device = _device(params)
     lr_tensor, lr_f = _resolve_lr(lr, device)
     args = (params, grads, masters, momentum_buffers, steps, lr_tensor, lr_f, inv_scale,

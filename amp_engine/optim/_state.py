@@ -127,9 +127,11 @@ def _check_group(gi: int, saved: dict[str, Any], defaults: dict[str, Any]) -> No
             if not (isinstance(value, (tuple, list)) and len(value) == 2
                     and all(_is_number(b) and 0.0 <= float(b) < 1.0 for b in value)):
                 raise bad(key, "a pair of numbers in [0, 1)")
-        elif isinstance(default, bool) or key == "master_weights":
-            if not (isinstance(value, bool) or (value is None and default is None)):
-                raise bad(key, "True or False" + (" or None" if default is None else ""))
+        elif key == "master_weights":
+            if value not in (None, True, False):
+                raise bad(key, "None, True or False")
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise bad(key, "True or False")
     rng = saved.get("rng_state")
     if rng is not None and not (isinstance(rng, Tensor) and rng.dtype == torch.int64
                                 and _shape(rng) == (2,)):
