@@ -114,20 +114,12 @@ class FusedOptimizer(Optimizer):
     # ------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
-        seen: dict[int, int] = {}
-        for i, p in enumerate(group["params"]):
-            if torch.is_complex(p):
-                raise TypeError(f"param {i} of group {gi} is complex "
-                                f"({p.dtype}); amp_engine optimizers take real float params")
-            # torch only warns; a fused step would then update the param twice
-            first = seen.setdefault(id(p), i)
-            if first != i:
-                del self.param_groups[-1]
-                raise ValueError(f"param {i} of group {gi} is the same tensor as param {first}; "
-                                 "list each parameter once")
-        _state.ensure_rng_state(group)
+        try:
+            _check_group_params(self.param_groups[-1], len(self.param_groups) - 1)
+        except (TypeError, ValueError):
+            del self.param_groups[-1]  # a refused group leaves the optimizer as it was
+            raise
+        _state.ensure_rng_state(self.param_groups[-1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -229,6 +221,21 @@ class FusedOptimizer(Optimizer):
         is checked before anything changes; a dict for other params raises ValueError.
         """
         _state.load(self, state_dict, super().load_state_dict)
+
+
+def _check_group_params(group: dict[str, Any], gi: int) -> None:
+    seen: dict[int, int] = {}
+    for i, p in enumerate(group["params"]):
+        if torch.is_complex(p):
+            raise TypeError(f"param {i} of group {gi} is complex ({p.dtype}); amp_engine "
+                            "optimizers take real float params")
+        if not p.is_floating_point():
+            raise TypeError(f"param {i} of group {gi} has dtype {p.dtype}; amp_engine optimizers "
+                            "take float32/float16/bfloat16/float64 params")
+        first = seen.setdefault(id(p), i)
+        if first != i:  # torch only warns; a fused step would update the param twice
+            raise ValueError(f"param {i} of group {gi} is the same tensor as param {first}; "
+                             "list each parameter once")
 
 
 def _local_device(split: dict[bool, dict[str, list[Tensor]]]) -> torch.device:

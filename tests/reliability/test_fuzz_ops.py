@@ -9,7 +9,7 @@ may differ by an ulp; norms: summation order), including the memory around a vie
 
 Example counts come from the hypothesis profile (tests/reliability/conftest.py):
 "ci" by default, ``HYPOTHESIS_PROFILE=long`` for a long run. The Triton
-interpreter gets a quarter of them, on smaller tensors.
+interpreter gets half of them, on smaller tensors.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ NORM_RTOL = 2e-6  # the reference sums in fp64; kernels in another order
 
 def examples(backend: str) -> int:
     n = settings.default.max_examples
-    return max(4, n // 4) if backend == "triton" else n
+    return max(4, n // 2) if backend == "triton" else n
 
 
 def cap(backend: str) -> int:
