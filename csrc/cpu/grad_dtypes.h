@@ -1,0 +1,88 @@
+// Per-element arithmetic of the loss-scaling ops for each grad dtype, written as
+// plain branch-free C++ so that gcc/clang vectorize the element loops for
+// whatever ISA the extension is compiled for (no at::vec, whose ISA follows
+// CPU_CAPABILITY macros that an extension does not get).
+//
+// fp16/bf16 go through fp32 exactly as torch does: widening is exact, narrowing
+// rounds to nearest even (c10 semantics), NaNs come out as torch's vectorized
+// CPU conversions write them (fp16: sign and top payload kept, as F16C does;
+// bf16: 0xFFFF), so unscale_and_check_ is bitwise equal to the reference.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace amp_engine::cpu {
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint64_t bits_of(double d) {
+  uint64_t u;
+  std::memcpy(&u, &d, sizeof u);
+  return u;
+}
+
+// 1 if the exponent field is all ones (inf or NaN). Testing bits rather than
+// calling std::isfinite keeps the loops vectorizable and immune to -ffast-math.
+inline int32_t nonfinite(float f) { return (bits_of(f) & 0x7F800000u) == 0x7F800000u; }
+inline int64_t nonfinite(double d) {
+  return (bits_of(d) & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
+}
+
+// fp16 -> fp32, exact (FP16 library / c10 portable path: exponent rebias by a
+// power-of-two multiply, subnormals via a magic-number subtraction).
+inline float half_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = float_of((two_w >> 4) + (0xE0u << 23)) * float_of(0x7800000u);
+  const float denormalized = float_of((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t magnitude = two_w < (1u << 27) ? bits_of(denormalized) : bits_of(normalized);
+  return float_of(sign | magnitude);
+}
+
+// fp32 -> fp16, round to nearest even. The FPU's own rounding of the final
+// addition does the RNE at the right bit position, subnormals included; values
+// at or above 65520 reach inf through the scale_to_inf overflow.
+inline uint16_t float_to_half(float f) {
+  const float scale_to_inf = float_of(239u << 23);   // 2^112
+  const float scale_to_zero = float_of(17u << 23);   // 2^-110
+  const uint32_t w = bits_of(f);
+  const float abs_f = float_of(w & 0x7FFFFFFFu);
+  float base = (abs_f * scale_to_inf) * scale_to_zero;
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = float_of((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = bits_of(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+  // NaN: quiet, keep the top 9 payload bits (what vcvtps2ph and torch write).
+  const uint32_t nan = 0x7E00u | ((w >> 13) & 0x01FFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign));
+}
+
+inline float bf16_to_float(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
+
+// fp32 -> bf16, round to nearest even (c10::BFloat16 rounding); NaN -> 0xFFFF
+// like torch's AVX2/AVX-512 conversion.
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = bits_of(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : rounded);
+}
+
+// Smallest |fp32| that rounds to inf in the narrow type (max finite + half an
+// ulp: the tie goes to the even neighbour, inf). As bits, so one unsigned
+// compare of |u| also catches inf and NaN.
+constexpr uint32_t kHalfOverflowBits = 0x477FF000u;  // 65520.0f
+constexpr uint32_t kBf16OverflowBits = 0x7F7F8000u;  // bf16 max + half ulp
+
+}  // namespace amp_engine::cpu
