@@ -9,6 +9,7 @@
 //   * a tensor list may mix dtypes (one launch per dtype group), never devices.
 #include <Python.h>
 #include <torch/library.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 extern "C" {
 // An importable, empty `amp_engine._C` module: importing it runs the static
@@ -36,3 +37,21 @@ TORCH_LIBRARY(amp_engine, m) {
       "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "
       "int hysteresis, float min_scale, float max_scale) -> ()");
 }
+
+namespace {
+// Sparse grads would otherwise reach the dispatcher's "no kernel for SparseCPU"
+// NotImplementedError; name the argument instead, like every other bad input.
+void reject_sparse(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  TORCH_CHECK_VALUE(false, op.schema().name(),
+                    ": grads contains a sparse tensor (layout torch.sparse_*); only dense "
+                    "(strided) tensors are allowed (coalesce/densify sparse grads first)");
+}
+}  // namespace
+
+#define AMP_ENGINE_REJECT_SPARSE(KEY)                                                       \
+  TORCH_LIBRARY_IMPL(amp_engine, KEY, m) {                                                  \
+    m.impl("unscale_and_check_", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>()); \
+    m.impl("grad_norm_and_check", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>()); \
+  }
+AMP_ENGINE_REJECT_SPARSE(SparseCPU)
+AMP_ENGINE_REJECT_SPARSE(SparseCUDA)

@@ -17,6 +17,7 @@ import os
 import torch
 
 from amp_engine import _extension
+from amp_engine.ops import validation
 
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
@@ -27,6 +28,8 @@ def _triton_reason(device_type: str) -> str | None:
     """None if Triton can run on `device_type`, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    if importlib.util.find_spec("amp_engine.ops.triton_kernels") is None:
+        return "this build has no Triton kernels"
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
@@ -101,12 +104,15 @@ def _checked(backend: str, device_type: str) -> str | None:
 def _register_fakes() -> None:
     """Shapes-only kernels so torch.compile / FakeTensor can trace the ops."""
 
+    # The fakes validate too: a list mixing real and meta tensors lands here.
     @torch.library.register_fake("amp_engine::unscale_and_check_")
     def _(grads, inv_scale, found_inf, counts):
+        validation.check_check_args(grads, inv_scale, found_inf, counts)
         return None
 
     @torch.library.register_fake("amp_engine::grad_norm_and_check")
     def _(grads, inv_scale, found_inf, counts, per_tensor):
+        validation.check_check_args(grads, inv_scale, found_inf, counts)
         total = found_inf.new_empty((), dtype=torch.float32)
         per = found_inf.new_empty((len(grads) if per_tensor else 0,), dtype=torch.float32)
         return total, per
