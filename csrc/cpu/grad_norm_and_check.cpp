@@ -132,29 +132,20 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cpu(
   const float inv = *inv_scale.const_data_ptr<float>();
   int64_t* counts_data = has_counts ? counts->mutable_data_ptr<int64_t>() : nullptr;
 
-  const DenseList dense = make_dense(grads);  // read-only: copies need no copy_back
+  // Non-dense views (rare) are read from contiguous copies (read-only: no copy_back).
+  DenseList dense;
+  GradGroups groups;
+  if (!collect_spans(grads, groups)) {
+    dense = make_dense(grads);
+    collect_spans(dense.tensors, groups);
+  }
   std::vector<double> sumsq(grads.size(), 0.0);
   std::vector<double> chunk_sumsq;
-  bool any_bad = false;
-  for (const auto& group : group_by_dtype(dense.tensors)) {
-    const GradSpans spans = make_spans(dense.tensors, group);
-    switch (dense.tensors[group[0]].scalar_type()) {
-      case c10::kFloat:
-        any_bad |= norm_group<float>(spans, inv, counts_data, chunk_sumsq, sumsq);
-        break;
-      case c10::kDouble:
-        any_bad |= norm_group<double>(spans, static_cast<double>(inv), counts_data, chunk_sumsq, sumsq);
-        break;
-      case c10::kHalf:
-        any_bad |= norm_group<c10::Half>(spans, inv, counts_data, chunk_sumsq, sumsq);
-        break;
-      case c10::kBFloat16:
-        any_bad |= norm_group<c10::BFloat16>(spans, inv, counts_data, chunk_sumsq, sumsq);
-        break;
-      default:
-        TORCH_INTERNAL_ASSERT(false, "dtype passed check_tensor_list but has no kernel");
-    }
-  }
+  const bool any_bad =
+      norm_group<float>(groups[kF32], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<c10::Half>(groups[kF16], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<c10::BFloat16>(groups[kBF16], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<double>(groups[kF64], static_cast<double>(inv), counts_data, chunk_sumsq, sumsq);
   if (any_bad) *found_inf.mutable_data_ptr<float>() = 1.0f;
 
   // Outputs on the grads' device (found_inf's options: fp32, CPU).

@@ -93,27 +93,18 @@ void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale,
   const float inv = *inv_scale.const_data_ptr<float>();
   int64_t* counts_data = has_counts ? counts->mutable_data_ptr<int64_t>() : nullptr;
 
-  DenseList dense = make_dense(grads);
-  bool any_bad = false;
-  for (const auto& group : group_by_dtype(dense.tensors)) {
-    const GradSpans spans = make_spans(dense.tensors, group);
-    switch (dense.tensors[group[0]].scalar_type()) {
-      case c10::kFloat:
-        any_bad |= unscale_group<float>(spans, inv, counts_data);
-        break;
-      case c10::kDouble:  // fp64 grads are scaled in fp64 by the exact widened inv_scale
-        any_bad |= unscale_group<double>(spans, static_cast<double>(inv), counts_data);
-        break;
-      case c10::kHalf:
-        any_bad |= unscale_group<c10::Half>(spans, inv, counts_data);
-        break;
-      case c10::kBFloat16:
-        any_bad |= unscale_group<c10::BFloat16>(spans, inv, counts_data);
-        break;
-      default:
-        TORCH_INTERNAL_ASSERT(false, "dtype passed check_tensor_list but has no kernel");
-    }
+  // Non-dense views (rare) are processed as contiguous copies, copied back below.
+  DenseList dense;
+  GradGroups groups;
+  if (!collect_spans(grads, groups)) {
+    dense = make_dense(grads);
+    collect_spans(dense.tensors, groups);
   }
+  const bool any_bad = unscale_group<float>(groups[kF32], inv, counts_data) |
+                       unscale_group<c10::Half>(groups[kF16], inv, counts_data) |
+                       unscale_group<c10::BFloat16>(groups[kBF16], inv, counts_data) |
+                       // fp64 grads are scaled in fp64 by the exactly widened inv_scale
+                       unscale_group<double>(groups[kF64], static_cast<double>(inv), counts_data);
   copy_back(grads, dense);
   if (any_bad) *found_inf.mutable_data_ptr<float>() = 1.0f;
 }
