@@ -8,8 +8,13 @@
 // CPU conversions write them (fp16: sign and top payload kept, as F16C does;
 // bf16: 0xFFFF), so unscale_and_check_ is bitwise equal to the reference.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace amp_engine::cpu {
 
@@ -84,5 +89,50 @@ inline uint16_t float_to_bf16(float f) {
 // compare of |u| also catches inf and NaN.
 constexpr uint32_t kHalfOverflowBits = 0x477FF000u;  // 65520.0f
 constexpr uint32_t kBf16OverflowBits = 0x7F7F8000u;  // bf16 max + half ulp
+
+// fp16 conversions of a block, with F16C when the build targets it (the
+// portable bit arithmetic costs ~2 cycles per element, which would make fp16
+// compute-bound; vcvtph2ps/vcvtps2ph give the same bits, NaN payloads included).
+inline void widen_half(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+// p[i] = fp16(float(p[i]) * inv) in place; returns how many results are inf/NaN.
+inline int64_t scale_half(uint16_t* p, int64_t n, float inv) {
+  int64_t i = 0;
+  int64_t bad = 0;
+#if defined(__F16C__)
+  const __m256 v_inv = _mm256_set1_ps(inv);
+  const __m128i exp_mask = _mm_set1_epi16(0x7C00);
+  while (i + 8 <= n) {
+    // int16 count lanes, emptied every 4096 vectors so they cannot overflow
+    __m128i bad_lanes = _mm_setzero_si128();
+    const int64_t stop = std::min<int64_t>(n - 7, i + 8 * 4096);
+    for (; i < stop; i += 8) {
+      __m128i* at = reinterpret_cast<__m128i*>(p + i);
+      const __m256 u = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(at)), v_inv);
+      const __m128i r = _mm256_cvtps_ph(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(at, r);
+      bad_lanes = _mm_sub_epi16(bad_lanes, _mm_cmpeq_epi16(_mm_and_si128(r, exp_mask), exp_mask));
+    }
+    alignas(16) int16_t lanes[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), bad_lanes);
+    for (int16_t c : lanes) bad += c;
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint16_t r = float_to_half(half_to_float(p[i]) * inv);
+    p[i] = r;
+    bad += (r & 0x7C00u) == 0x7C00u;
+  }
+  return bad;
+}
 
 }  // namespace amp_engine::cpu

@@ -12,9 +12,11 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -22,6 +24,10 @@
 #include "checks.h"
 #include "cpu/grad_chunks.h"
 #include "cpu/grad_dtypes.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace amp_engine::cpu {
 namespace {
@@ -31,69 +37,184 @@ struct ChunkSum {
   int64_t bad;
 };
 
-// Sum over i < n of sq(i), and of bad(i), with kLanes independent fp64
-// accumulators: a fixed association (lane j gets i % kLanes == j) that the
-// compiler maps onto vector registers.
-constexpr int kLanes = 16;
+// The hot loop only sums squares, into 16 fp64 lanes: element i of a chunk
+// goes to lane i % 16, a fixed association, so the rounding is the same on
+// every thread split. The lanes are two 8-wide GCC/Clang vectors, which
+// compile to AVX2, SSE2 or NEON as the build targets, with AVX-512 intrinsics
+// for the widening multiply-add (gcc's autovectorizer handles this mixed
+// fp32/fp64 loop only sometimes, and splits the conversion).
+//
+// Non-finite values cost the hot loop nothing: a non-finite fp32/fp64 u makes
+// its square, hence the chunk's sum, inf/NaN (finite squares of one chunk of
+// fp32 values cannot overflow fp64); for fp16/bf16, whether any u would round
+// to inf/NaN follows from the largest |g| alone, as rounding is monotonic. A
+// chunk so flagged (rare: the step will be skipped) is counted exactly by a
+// second pass.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
 
-template <class Elem>
-ChunkSum reduce_chunk(int64_t n, const Elem& elem) {
-  double acc[kLanes] = {};
-  int32_t bad[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) elem(i + j, acc[j], bad[j]);
+template <class V, class T>
+V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(c10::Half x) { return half_to_float(x.x); }
+inline float widen(c10::BFloat16 x) { return bf16_to_float(x.x); }
+
+#if defined(__AVX512F__)
+// Eight grads widened to fp32 in a register.
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 widen8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 widen8(const c10::Half* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  return _mm256_setr_ps(widen(p[0]), widen(p[1]), widen(p[2]), widen(p[3]), widen(p[4]),
+                        widen(p[5]), widen(p[6]), widen(p[7]));
+#endif
+}
+#endif
+
+struct LaneSums {
+  f64x8 lo = {};  // lanes 0-7
+  f64x8 hi = {};  // lanes 8-15
+
+  // Squares of the unscaled p[0, 16) into the 16 lanes (fp32/fp16/bf16 grads).
+  template <class T>
+  void add16(const T* p, float inv) {
+#if defined(__AVX512F__)
+    // Intrinsics: GCC 12 splits __builtin_convertvector(f32x8 -> f64x8) into
+    // 128-bit pieces. The maskz forms avoid its spurious -Wmaybe-uninitialized.
+    const __m256 v_inv = _mm256_set1_ps(inv);
+    const __m512d d_lo = _mm512_maskz_cvtps_pd(0xFF, _mm256_mul_ps(widen8(p), v_inv));
+    const __m512d d_hi = _mm512_maskz_cvtps_pd(0xFF, _mm256_mul_ps(widen8(p + 8), v_inv));
+    lo = _mm512_fmadd_pd(d_lo, d_lo, lo);
+    hi = _mm512_fmadd_pd(d_hi, d_hi, hi);
+#else
+    float w[16];
+    for (int j = 0; j < 16; ++j) w[j] = widen(p[j]);
+    const f64x8 d_lo = __builtin_convertvector(load<f32x8>(w) * inv, f64x8);
+    const f64x8 d_hi = __builtin_convertvector(load<f32x8>(w + 8) * inv, f64x8);
+    lo += d_lo * d_lo;
+    hi += d_hi * d_hi;
+#endif
   }
-  for (int j = 0; i + j < n; ++j) elem(i + j, acc[j], bad[j]);
-  // pairwise, fixed order
-  for (int w = kLanes / 2; w > 0; w /= 2) {
-    for (int j = 0; j < w; ++j) {
-      acc[j] += acc[j + w];
-      bad[j] += bad[j + w];
+  void add16(const double* p, double inv) {
+    const f64x8 u_lo = load<f64x8>(p) * inv;
+    const f64x8 u_hi = load<f64x8>(p + 8) * inv;
+    lo += u_lo * u_lo;
+    hi += u_hi * u_hi;
+  }
+  // p[0, n), n a multiple of 16 except for a chunk's last call.
+  template <class T, class Inv>
+  void add(const T* p, int64_t n, Inv inv) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) add16(p + i, inv);
+    for (int j = 0; i + j < n; ++j) {
+      const double u = widen(p[i + j]) * inv;  // fp32 product for fp32/16-bit data
+      (j < 8 ? lo[j] : hi[j - 8]) += u * u;
     }
   }
-  return {acc[0], bad[0]};
+  double sum() const {  // pairwise, fixed order
+    double a[8];
+    for (int j = 0; j < 8; ++j) a[j] = lo[j] + hi[j];
+    for (int w = 4; w > 0; w /= 2) {
+      for (int j = 0; j < w; ++j) a[j] += a[j + w];
+    }
+    return a[0];
+  }
+};
+
+// The largest magnitude among fp16/bf16 bit patterns (their order is that of
+// the unsigned bits with the sign cleared; inf and NaN come last).
+uint16_t max_magnitude(const uint16_t* __restrict p, int64_t n) {
+  uint16_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max<uint16_t>(m, p[i] & 0x7FFFu);
+  return m;
 }
 
-ChunkSum chunk_sum(const float* __restrict p, int64_t n, float inv) {
-  return reduce_chunk(n, [&](int64_t i, double& acc, int32_t& bad) {
-    const float u = p[i] * inv;
-    const double d = u;
-    acc += d * d;
-    bad += nonfinite(u);
-  });
+// Exact non-finite counts for a flagged chunk: the same test unscale_and_check_
+// applies to the value it stores.
+int64_t count_bad(const float* p, int64_t n, float inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += nonfinite(p[i] * inv);
+  return bad;
 }
 
-ChunkSum chunk_sum(const double* __restrict p, int64_t n, double inv) {
-  return reduce_chunk(n, [&](int64_t i, double& acc, int32_t& bad) {
-    const double u = p[i] * inv;
-    acc += u * u;
-    bad += static_cast<int32_t>(nonfinite(u));
-  });
+int64_t count_bad(const double* p, int64_t n, double inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += nonfinite(p[i] * inv);
+  return bad;
 }
 
-// fp16/bf16: the norm uses the fp32 unscaled value; the check asks whether it
-// would round to inf/NaN in the grad's dtype (|u| at or past the overflow
-// threshold, NaN included), exactly what unscale_and_check_ would store.
-ChunkSum chunk_sum(const c10::Half* p16, int64_t n, float inv) {
-  const uint16_t* __restrict p = reinterpret_cast<const uint16_t*>(p16);
-  return reduce_chunk(n, [&](int64_t i, double& acc, int32_t& bad) {
-    const float u = half_to_float(p[i]) * inv;
-    const double d = u;
-    acc += d * d;
-    bad += (bits_of(u) & 0x7FFFFFFFu) >= kHalfOverflowBits;
-  });
+// fp16/bf16: u (fp32) would round to inf/NaN in the grad's dtype.
+int64_t count_bad(const c10::Half* p, int64_t n, float inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bad += (bits_of(half_to_float(p[i].x) * inv) & 0x7FFFFFFFu) >= kHalfOverflowBits;
+  }
+  return bad;
 }
 
-ChunkSum chunk_sum(const c10::BFloat16* p16, int64_t n, float inv) {
-  const uint16_t* __restrict p = reinterpret_cast<const uint16_t*>(p16);
-  return reduce_chunk(n, [&](int64_t i, double& acc, int32_t& bad) {
-    const float u = bf16_to_float(p[i]) * inv;
-    const double d = u;
-    acc += d * d;
-    bad += (bits_of(u) & 0x7FFFFFFFu) >= kBf16OverflowBits;
-  });
+int64_t count_bad(const c10::BFloat16* p, int64_t n, float inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bad += (bits_of(bf16_to_float(p[i].x) * inv) & 0x7FFFFFFFu) >= kBf16OverflowBits;
+  }
+  return bad;
+}
+
+ChunkSum chunk_sum(const float* p, int64_t n, float inv) {
+  LaneSums sums;
+  sums.add(p, n, inv);
+  const double sumsq = sums.sum();
+  return {sumsq, std::isfinite(sumsq) ? 0 : count_bad(p, n, inv)};
+}
+
+// fp64: squares of |u| > 1e154 overflow too; the exact count then finds none.
+ChunkSum chunk_sum(const double* p, int64_t n, double inv) {
+  LaneSums sums;
+  sums.add(p, n, inv);
+  const double sumsq = sums.sum();
+  return {sumsq, std::isfinite(sumsq) ? 0 : count_bad(p, n, inv)};
+}
+
+// fp16/bf16: the norm uses the fp32 unscaled value (not rounded to the grad's
+// dtype), as the reference does. Flag: the largest |g| times |inv_scale|
+// reaches the overflow threshold (or is NaN). In blocks, so that the second
+// read of each block (its largest magnitude) hits L1.
+constexpr int64_t kBlock = 1024;
+static_assert(kBlock % 16 == 0, "blocks keep each element in its lane");
+
+template <class T>
+ChunkSum chunk_sum_16bit(const T* p, int64_t n, float inv, float (*to_float)(uint16_t),
+                         uint32_t overflow_bits) {
+  const uint16_t* raw = reinterpret_cast<const uint16_t*>(p);
+  LaneSums sums;
+  uint16_t largest_bits = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    sums.add(p + b, m, inv);
+    largest_bits = std::max(largest_bits, max_magnitude(raw + b, m));
+  }
+  const float largest = to_float(largest_bits) * std::fabs(inv);
+  const bool flagged = (bits_of(largest) & 0x7FFFFFFFu) >= overflow_bits;
+  return {sums.sum(), flagged ? count_bad(p, n, inv) : 0};
+}
+
+ChunkSum chunk_sum(const c10::Half* p, int64_t n, float inv) {
+  return chunk_sum_16bit(p, n, inv, half_to_float, kHalfOverflowBits);
+}
+
+ChunkSum chunk_sum(const c10::BFloat16* p, int64_t n, float inv) {
+  return chunk_sum_16bit(p, n, inv, bf16_to_float, kBf16OverflowBits);
 }
 
 // One dtype group: adds each tensor's sum of squares into sumsq[tensor];

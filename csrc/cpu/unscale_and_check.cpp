@@ -45,23 +45,17 @@ int64_t unscale_chunk(double* __restrict p, int64_t n, double inv) {
 }
 
 int64_t unscale_chunk(c10::Half* p16, int64_t n, float inv) {
-  uint16_t* __restrict p = reinterpret_cast<uint16_t*>(p16);
-  int32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t r = float_to_half(half_to_float(p[i]) * inv);
-    p[i] = r;
-    bad += (r & 0x7C00u) == 0x7C00u;
-  }
-  return bad;
+  return scale_half(reinterpret_cast<uint16_t*>(p16), n, inv);
 }
 
 int64_t unscale_chunk(c10::BFloat16* p16, int64_t n, float inv) {
   uint16_t* __restrict p = reinterpret_cast<uint16_t*>(p16);
   int32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const uint16_t r = float_to_bf16(bf16_to_float(p[i]) * inv);
-    p[i] = r;
-    bad += (r & 0x7F80u) == 0x7F80u;
+    const float u = bf16_to_float(p[i]) * inv;
+    p[i] = float_to_bf16(u);
+    // rounds to inf/NaN: tested on |u| (one compare beside the NaN test inside)
+    bad += (bits_of(u) & 0x7FFFFFFFu) >= kBf16OverflowBits;
   }
   return bad;
 }
