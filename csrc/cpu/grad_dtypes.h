@@ -16,6 +16,16 @@
 #include <immintrin.h>
 #endif
 
+// A portable x86-64 build (AMP_ENGINE_NATIVE=0: SSE2 only) gets AVX2 and
+// AVX-512 clones of the element loops, picked when the library loads, the way
+// torch picks its own CPU kernels; native builds compile for the machine.
+#if defined(__x86_64__) && !defined(__AVX2__) && defined(__GNUC__) && !defined(__clang__)
+#define AMP_ENGINE_ISA_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AMP_ENGINE_ISA_CLONES
+#endif
+
 namespace amp_engine::cpu {
 
 inline uint32_t bits_of(float f) {

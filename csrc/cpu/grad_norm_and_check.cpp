@@ -54,11 +54,11 @@ struct ChunkSum {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
 
+// Unaligned vector load (by reference: returning a vector by value changes
+// the ABI between ISA levels, which gcc warns about in portable builds).
 template <class V, class T>
-V load(const T* p) {
-  V v;
+inline void load(V& v, const T* p) {
   std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 inline float widen(float x) { return x; }
@@ -101,15 +101,21 @@ struct LaneSums {
 #else
     float w[16];
     for (int j = 0; j < 16; ++j) w[j] = widen(p[j]);
-    const f64x8 d_lo = __builtin_convertvector(load<f32x8>(w) * inv, f64x8);
-    const f64x8 d_hi = __builtin_convertvector(load<f32x8>(w + 8) * inv, f64x8);
+    f32x8 w_lo, w_hi;
+    load(w_lo, w);
+    load(w_hi, w + 8);
+    const f64x8 d_lo = __builtin_convertvector(w_lo * inv, f64x8);
+    const f64x8 d_hi = __builtin_convertvector(w_hi * inv, f64x8);
     lo += d_lo * d_lo;
     hi += d_hi * d_hi;
 #endif
   }
   void add16(const double* p, double inv) {
-    const f64x8 u_lo = load<f64x8>(p) * inv;
-    const f64x8 u_hi = load<f64x8>(p + 8) * inv;
+    f64x8 g_lo, g_hi;
+    load(g_lo, p);
+    load(g_hi, p + 8);
+    const f64x8 u_lo = g_lo * inv;
+    const f64x8 u_hi = g_hi * inv;
     lo += u_lo * u_lo;
     hi += u_hi * u_hi;
   }
@@ -172,7 +178,7 @@ int64_t count_bad(const c10::BFloat16* p, int64_t n, float inv) {
   return bad;
 }
 
-ChunkSum chunk_sum(const float* p, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const float* p, int64_t n, float inv) {
   LaneSums sums;
   sums.add(p, n, inv);
   const double sumsq = sums.sum();
@@ -180,7 +186,7 @@ ChunkSum chunk_sum(const float* p, int64_t n, float inv) {
 }
 
 // fp64: squares of |u| > 1e154 overflow too; the exact count then finds none.
-ChunkSum chunk_sum(const double* p, int64_t n, double inv) {
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const double* p, int64_t n, double inv) {
   LaneSums sums;
   sums.add(p, n, inv);
   const double sumsq = sums.sum();
@@ -195,7 +201,7 @@ constexpr int64_t kBlock = 1024;
 static_assert(kBlock % 16 == 0, "blocks keep each element in its lane");
 
 template <class T>
-ChunkSum chunk_sum_16bit(const T* p, int64_t n, float inv, float (*to_float)(uint16_t),
+__attribute__((always_inline)) inline ChunkSum chunk_sum_16bit(const T* p, int64_t n, float inv, float (*to_float)(uint16_t),
                          uint32_t overflow_bits) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(p);
   LaneSums sums;
@@ -210,11 +216,11 @@ ChunkSum chunk_sum_16bit(const T* p, int64_t n, float inv, float (*to_float)(uin
   return {sums.sum(), flagged ? count_bad(p, n, inv) : 0};
 }
 
-ChunkSum chunk_sum(const c10::Half* p, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const c10::Half* p, int64_t n, float inv) {
   return chunk_sum_16bit(p, n, inv, half_to_float, kHalfOverflowBits);
 }
 
-ChunkSum chunk_sum(const c10::BFloat16* p, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const c10::BFloat16* p, int64_t n, float inv) {
   return chunk_sum_16bit(p, n, inv, bf16_to_float, kBf16OverflowBits);
 }
 

@@ -24,7 +24,7 @@ namespace {
 
 // Each returns the number of non-finite elements among p[0, n), n <= kChunk
 // (so an int32 lane count cannot overflow and the loops stay 32-bit wide).
-int64_t unscale_chunk(float* __restrict p, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(float* __restrict p, int64_t n, float inv) {
   int32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float u = p[i] * inv;
@@ -34,7 +34,7 @@ int64_t unscale_chunk(float* __restrict p, int64_t n, float inv) {
   return bad;
 }
 
-int64_t unscale_chunk(double* __restrict p, int64_t n, double inv) {
+AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(double* __restrict p, int64_t n, double inv) {
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double u = p[i] * inv;
@@ -44,11 +44,11 @@ int64_t unscale_chunk(double* __restrict p, int64_t n, double inv) {
   return bad;
 }
 
-int64_t unscale_chunk(c10::Half* p16, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(c10::Half* p16, int64_t n, float inv) {
   return scale_half(reinterpret_cast<uint16_t*>(p16), n, inv);
 }
 
-int64_t unscale_chunk(c10::BFloat16* p16, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(c10::BFloat16* p16, int64_t n, float inv) {
   uint16_t* __restrict p = reinterpret_cast<uint16_t*>(p16);
   int32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
