@@ -104,7 +104,9 @@ def update_scale_(
     successful = gt + 1
     grow = ~inf & (successful >= growth_interval)
     grown = (s.double() * growth_factor).float()
-    grown = torch.where(torch.isfinite(grown), torch.clamp_max(grown, max_scale), s)
+    # bounds as fp32 values: a max_scale beyond fp32's range means no ceiling
+    hi = torch.tensor(max_scale, dtype=torch.float64).float()
+    grown = torch.where(torch.isfinite(grown), torch.minimum(grown, hi.to(s.device)), s)
 
     new_scale = torch.where(backoff, backed, torch.where(grow, grown, s))
     new_gt = torch.where(inf | grow, torch.zeros_like(gt), successful)

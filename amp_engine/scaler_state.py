@@ -1,0 +1,249 @@
+"""GradScaler's configuration checks, checkpoints, pickling and statistics.
+
+The state_dict is a superset of torch's five keys (scale, growth_factor,
+backoff_factor, growth_interval, _growth_tracker): torch's GradScaler loads
+ours (it reads only its keys) and ours loads torch's (missing extras keep their
+current values; the hysteresis tracker starts full).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from amp_engine.stats import named_parameter_ids
+
+logger = logging.getLogger("amp_engine.scaler")
+
+#: The keys our state_dict adds to torch's.
+EXTRA_KEYS = ("hysteresis", "_hysteresis_tracker", "min_scale", "max_scale", "steps",
+              "skipped_steps", "steps_at_floor")
+
+
+def refresh_per_optimizer_state() -> dict[str, Any]:
+    """torch's per-optimizer state (stage, found_inf_per_device) plus ours.
+
+    found_inf: the combined, rank-reduced flag once computed; clip_coef: set by
+    clip_grad_norm_; grads_scaled: the grads still carry the scale (checked
+    read-only, or norm taken, but not unscaled in place); mesh: the DTensor mesh.
+    A module-level factory so that the scaler pickles.
+    """
+    return {"stage": OptState.READY, "found_inf_per_device": {}, "found_inf": None,
+            "clip_coef": None, "grads_scaled": False, "mesh": None}
+
+
+def real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def check_growth_factor(value) -> float:
+    growth = real(value, "growth_factor")
+    if not (growth > 1.0 and math.isfinite(growth)):
+        raise ValueError(f"growth_factor must be a finite number > 1, got {value!r}")
+    return growth
+
+
+def check_backoff_factor(value) -> float:
+    backoff = real(value, "backoff_factor")
+    if not 0.0 < backoff < 1.0:
+        raise ValueError(f"backoff_factor must be in (0, 1), got {value!r}")
+    return backoff
+
+
+def check_config(init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
+                 min_scale, max_scale) -> None:
+    """ValueError naming the argument, the value given and what is allowed."""
+    check_growth_factor(growth_factor)
+    check_backoff_factor(backoff_factor)
+    positive_int(growth_interval, "growth_interval")
+    positive_int(hysteresis, "hysteresis")
+    lo, hi = real(min_scale, "min_scale"), real(max_scale, "max_scale")
+    if not (lo > 0.0 and math.isfinite(lo)):
+        raise ValueError(f"min_scale must be a finite number > 0, got {min_scale!r}")
+    if not hi >= lo:
+        raise ValueError(f"max_scale ({max_scale!r}) must be >= min_scale ({min_scale!r})")
+    init = real(init_scale, "init_scale")
+    if not (math.isfinite(init) and init > 0.0):
+        raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
+    if not lo <= init <= hi:
+        raise ValueError(f"init_scale ({init_scale!r}) must lie in [min_scale, max_scale] = "
+                         f"[{min_scale!r}, {max_scale!r}]")
+
+
+class StateMixin:
+    """The checkpoint / pickling / statistics half of amp_engine.GradScaler."""
+
+    # ------------------------------------------------------- torch's setters
+    def set_growth_factor(self, new_factor: float) -> None:
+        """Set the growth factor (ValueError unless a finite number > 1)."""
+        self._growth_factor = check_growth_factor(new_factor)
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        """Set the backoff factor (ValueError unless in (0, 1))."""
+        self._backoff_factor = check_backoff_factor(new_factor)
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        """Set the growth interval (ValueError unless an int >= 1)."""
+        self._growth_interval = positive_int(new_interval, "growth_interval")
+
+    def get_hysteresis(self) -> int:
+        """The configured hysteresis (1 = torch's behaviour)."""
+        return self._hysteresis
+
+    @property
+    def min_scale(self) -> float:
+        return self._min_scale
+
+    @property
+    def max_scale(self) -> float:
+        return self._max_scale
+
+    def _get_hysteresis_tracker(self) -> int:
+        t = self._hysteresis_tracker
+        return self._init_hysteresis_tracker if t is None else int(t.item())
+
+    def _check_floor(self, run: int) -> None:
+        if run < self._floor_patience:
+            self._floor_warned = False
+            return
+        msg = (f"amp_engine.GradScaler: the loss scale has sat at its floor min_scale="
+               f"{self._min_scale:g} for {run} consecutive updates: the grads overflow (or are "
+               "NaN) at any scale. Check the loss and the model for NaN/inf (e.g. a bf16-trained "
+               "model run in fp16) rather than the scaler.")
+        if self._raise_at_floor:
+            raise RuntimeError(msg)
+        if not self._floor_warned:
+            self._floor_warned = True
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's five entries plus hysteresis, its tracker, the bounds and the counters.
+
+        Empty if disabled. Syncs (reads the scale and trackers), as torch's.
+        """
+        state = super().state_dict()
+        if self._enabled:
+            state.update(hysteresis=self._hysteresis,
+                         _hysteresis_tracker=self._get_hysteresis_tracker(),
+                         min_scale=self._min_scale, max_scale=self._max_scale,
+                         **self._stats.state_dict())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ours or torch's state_dict (no-op if disabled; RuntimeError if empty).
+
+        Values are validated (ValueError). A saved scale outside [min_scale,
+        max_scale] (torch's collapsed 0.0, say) is clamped into it, with a warning.
+        """
+        if not self._enabled:
+            return
+        if len(state_dict) == 0:
+            raise RuntimeError("The source state dict is empty, possibly because it was saved "
+                               "from a disabled instance of GradScaler.")
+        sd = dict(state_dict)
+        hysteresis = sd.get("hysteresis", self._hysteresis)
+        lo, hi = sd.get("min_scale", self._min_scale), sd.get("max_scale", self._max_scale)
+        scale = real(sd["scale"], "state_dict['scale']")
+        clamped = min(max(scale, real(lo, "min_scale")), real(hi, "max_scale"))
+        check_config(clamped, sd["growth_factor"], sd["backoff_factor"], sd["growth_interval"],
+                     hysteresis, lo, hi)
+        if clamped != scale:
+            logger.warning("GradScaler.load_state_dict: scale %r clamped to %r (min_scale=%r, "
+                           "max_scale=%r)", scale, clamped, lo, hi)
+            sd["scale"] = clamped
+        super().load_state_dict(sd)
+        self._hysteresis, self._min_scale, self._max_scale = int(hysteresis), float(lo), float(hi)
+        self._init_hysteresis_tracker = int(sd.get("_hysteresis_tracker", self._hysteresis))
+        if self._hysteresis_tracker is not None:
+            self._hysteresis_tracker.fill_(self._init_hysteresis_tracker)
+        self._stats.load_state_dict(sd)
+        self._inv_cache = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # asserts no iteration is in flight, as torch
+        if self._enabled:
+            state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
+            state["_hysteresis_tracker"] = None
+        for key in ("_grad_cache", "_inv_cache", "_one", "_param_names", "_last_step_found_inf",
+                    "_n_optimizers_seen"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_transient()
+
+    # ------------------------------------------------------------ statistics
+    def register_parameter_names(self, model_or_named_parameters) -> None:
+        """Name parameters for :meth:`overflow_report`: a module or (name, param) pairs."""
+        named = model_or_named_parameters
+        if isinstance(named, torch.nn.Module):
+            named = named.named_parameters()
+        for name, p in named:
+            self._param_names[id(p)] = (weakref.ref(p), name)
+
+    def _names(self, named_parameters=None) -> dict[int, str]:
+        names = {}
+        for pid, (ref, name) in self._param_names.items():
+            if ref() is not None:
+                names[pid] = name
+        if named_parameters is not None:
+            if isinstance(named_parameters, torch.nn.Module):
+                named_parameters = named_parameters.named_parameters()
+            names.update(named_parameter_ids(named_parameters))
+        return names
+
+    def overflow_report(self, named_parameters=None, top_k: int | None = 10) -> list[dict]:
+        """The parameters whose grads overflowed most (syncs: reads the device counters).
+
+        Args:
+            named_parameters: ``model.named_parameters()`` or a module, naming the
+                params (else the names given to :meth:`register_parameter_names`,
+                else ``"<Optimizer>#k.param_groups[g][i]"``).
+            top_k: how many to return (None: all that overflowed).
+
+        Returns a list of ``{"name": str, "count": int, "steps": list[int]}``,
+        most non-finite elements first; ``steps`` are update indices (0-based)
+        among the last ``overflow_history`` overflow steps. JSON-able.
+        """
+        if not self._enabled:
+            return []
+        return self._stats.report(self._names(named_parameters), top_k)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters as a JSON-able dict (syncs): steps, skipped_steps, scale, trackers,
+        steps_at_floor, bounds. Also runs the at-floor check."""
+        if not self._enabled:
+            return {"enabled": False}
+        floor_run = self._stats.floor_run_now()
+        out = {
+            "enabled": True,
+            "steps": self._stats.updates,
+            "skipped_steps": self._stats.skipped_steps(),
+            "scale": self.get_scale(),
+            "growth_tracker": self._get_growth_tracker(),
+            "hysteresis_tracker": self._get_hysteresis_tracker(),
+            "steps_at_floor": floor_run,
+            "min_scale": self._min_scale,
+            "max_scale": None if math.isinf(self._max_scale) else self._max_scale,
+            "last_step_skipped": self.last_step_skipped,
+        }
+        if self._floor_patience:
+            self._check_floor(floor_run)
+        return out
