@@ -112,7 +112,12 @@ def test_every_16bit_pattern(dtype, inv):
     (ties, subnormals, overflow to inf) bitwise as torch's own conversions,
     NaN payloads included; the norm's check agrees element by element."""
     g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    grads = list(g.clone().split(256))  # 256 tensors: counts locate the bad values
+    # ragged pieces: every pattern also passes through the scalar tails that
+    # follow the 8-wide F16C loops (and counts locate the bad values)
+    sizes = [7, 13, 1, 250, 3, 5, 64, 2] * 300
+    sizes = sizes[: next(i for i in range(len(sizes)) if sum(sizes[: i + 1]) >= g.numel()) + 1]
+    sizes[-1] -= sum(sizes) - g.numel()
+    grads = list(g.clone().split(sizes))
     mine, ref, (f_m, c_m), (f_r, c_r) = unscale_both(grads, inv)
     torch_way = (g.float() * torch.tensor(inv, dtype=torch.float32)).to(dtype)
     assert same_bits(torch.cat(mine), torch_way)
