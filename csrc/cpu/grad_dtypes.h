@@ -1,12 +1,14 @@
 // Per-element arithmetic of the loss-scaling ops for each grad dtype, written as
-// plain branch-free C++ so that gcc/clang vectorize the element loops for
-// whatever ISA the extension is compiled for (no at::vec, whose ISA follows
-// CPU_CAPABILITY macros that an extension does not get).
+// plain branch-free C++ that gcc/clang vectorize for whatever ISA the extension
+// is compiled for (no at::vec, whose ISA follows CPU_CAPABILITY macros that an
+// extension does not get), plus F16C for fp16 where the build targets it.
 //
 // fp16/bf16 go through fp32 exactly as torch does: widening is exact, narrowing
-// rounds to nearest even (c10 semantics), NaNs come out as torch's vectorized
-// CPU conversions write them (fp16: sign and top payload kept, as F16C does;
-// bf16: 0xFFFF), so unscale_and_check_ is bitwise equal to the reference.
+// rounds to nearest even (c10 semantics), so unscale_and_check_ is bitwise equal
+// to the reference on every non-NaN value. NaNs stay NaN with the payload of
+// torch's full-vector conversions (fp16: sign and top payload bits, as F16C;
+// bf16: 0xFFFF); torch's own scalar tails write other payloads, so only
+// NaN-ness is part of the contract.
 #pragma once
 #include <algorithm>
 #include <cstdint>
