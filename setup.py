@@ -58,7 +58,8 @@ if _cuda_mode == "1" and not with_cuda:
 native = os.environ.get("AMP_ENGINE_NATIVE", "1") != "0"
 
 sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-fopenmp-simd"]  # torch adds its own -std (C++20 for 2.14)
+cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno"]  # torch adds its own -std (C++20 for 2.14)
+# -fno-math-errno: nothing reads errno, and with it GCC vectorizes sqrt (optimizer steps)
 cxx_flags += ["-march=native"] if native else []
 # at::parallel_for is header-only on torch's OpenMP builds: without -fopenmp the
 # CPU kernels would silently run on one thread. libgomp is torch's own (same soname).

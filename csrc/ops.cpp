@@ -36,6 +36,39 @@ TORCH_LIBRARY(amp_engine, m) {
       "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
       "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "
       "int hysteresis, float min_scale, float max_scale) -> ()");
+
+  // ---- fused optimizer steps (issue 4; owner: amp_engine/optim) ----------------
+  // One call updates a whole list of params on one device (one launch per dtype
+  // group inside). Contract (the truth: amp_engine/ops/optim_reference.py):
+  //   * found_inf (fp32, one element) != 0 -> nothing changes at all (params,
+  //     masters, moments, steps, rng_state); None -> always applied;
+  //   * g = float(grad) * inv_scale (inv_scale = clip_coef / grad_scale, fp32
+  //     one-element, combined by the caller on the device; None -> 1), read once
+  //     in the grad's own dtype; the update is done in fp32 (fp64 for fp64 params);
+  //   * masters: [] (params updated in their own precision, via fp32) or one fp32
+  //     master per param (fp16/bf16 params only); the param is then written from
+  //     the master, round-to-nearest-even, or stochastic rounding for bf16 params
+  //     when stochastic_rounding (random bits from rng_state = int64 [seed, counter]);
+  //   * moments fp32 (fp64 for fp64 params), same shape as the param;
+  //   * steps: one fp32 one-element tensor per param, += 1 on the device when applied
+  //     (bias correction uses the incremented value); rng_state counter += 1 then too;
+  //   * lr = lr_tensor (fp32/fp64 one element on the params' device) if given, else lr.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, "
+      "Tensor(f!)[] steps, Tensor? lr_tensor, float lr, Tensor? inv_scale, Tensor? found_inf, "
+      "Tensor(g!)? rng_state, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled, bool amsgrad, bool maximize, bool stochastic_rounding) -> ()");
+  // SGD (torch's formulas); momentum_buffers [] when momentum == 0. A buffer whose
+  // step is 0 is initialised to the (decayed) grad, so a skipped first step leaves
+  // nothing half-initialised.
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, "
+      "Tensor(c!)[] momentum_buffers, Tensor(d!)[] steps, Tensor? lr_tensor, float lr, "
+      "Tensor? inv_scale, Tensor? found_inf, Tensor(e!)? rng_state, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool stochastic_rounding) -> ()");
+  // ---- end of fused optimizer steps -----------------------------------------------
 }
 
 namespace {

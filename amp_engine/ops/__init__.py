@@ -4,6 +4,7 @@ Each op takes ``backend=None|"cuda"|"triton"|"cpp"|"reference"``; see
 :mod:`amp_engine.ops.dispatch` for how the default is chosen.
 """
 from amp_engine.ops.dispatch import available_backends
+from amp_engine.ops.optim_steps import adam_step_, optim_backends, sgd_step_
 from amp_engine.ops.scaling import (
     DEFAULT_MAX_SCALE,
     DEFAULT_MIN_SCALE,
@@ -19,4 +20,7 @@ __all__ = [
     "update_scale_",
     "DEFAULT_MIN_SCALE",
     "DEFAULT_MAX_SCALE",
+    "adam_step_",
+    "sgd_step_",
+    "optim_backends",
 ]

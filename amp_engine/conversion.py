@@ -1,0 +1,158 @@
+"""Turning a user's torch optimizer into amp_engine's fused one, and switching
+the weights between fp32 and low precision (``memory_efficient``).
+
+Memory-efficient weights, the choice made:
+
+* bf16: weights live in bf16 and are updated with stochastic rounding, no fp32
+  master (bf16 has fp32's range; unbiased rounding keeps small updates from
+  vanishing on average): 2 bytes/param instead of 4, grads 2 instead of 4.
+* fp16: weights live in fp16 with fp32 masters in the optimizer state (fp16's
+  10-bit mantissa loses small updates outright; its range needs the scaler):
+  the weights and grads halve, the master adds 4 bytes, and autocast no longer
+  keeps fp16 copies of the weights for the backward.
+
+Normalization layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm)
+keep fp32 parameters: their statistics overflow or lose precision in fp16.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from amp_engine import optim as fused_optim
+
+#: torch optimizer class -> amp_engine's fused one (exact types: a subclass may change the math)
+FUSED_OPTIMIZERS = {
+    torch.optim.AdamW: fused_optim.AdamW,
+    torch.optim.Adam: fused_optim.Adam,
+    torch.optim.SGD: fused_optim.SGD,
+}
+_FUSED_TYPES = tuple(set(FUSED_OPTIMIZERS.values()))
+# group keys of torch's optimizers that describe torch's implementation, not the math
+_IMPLEMENTATION_KEYS = ("foreach", "fused", "differentiable")
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """True for amp_engine's fused optimizers."""
+    return isinstance(optimizer, _FUSED_TYPES)
+
+
+def to_fused_optimizer(optimizer: torch.optim.Optimizer, **overrides: Any
+                       ) -> tuple[torch.optim.Optimizer | None, str | None]:
+    """amp_engine's fused version of ``optimizer``: (new optimizer, None) or (None, why not).
+
+    Same param groups (same Parameter objects, every hyper-parameter and any
+    extra key such as ``initial_lr``), and the state carried over when the
+    optimizer has already stepped (moments kept in fp32). ``overrides`` (e.g.
+    ``master_weights``, ``stochastic_rounding``) are set in every group. An
+    amp_engine optimizer is rebuilt as its own class (to apply ``overrides``).
+    """
+    cls = type(optimizer) if is_fused(optimizer) else FUSED_OPTIMIZERS.get(type(optimizer))
+    if cls is None:
+        allowed = ", ".join(f"torch.optim.{c.__name__}" for c in FUSED_OPTIMIZERS)
+        return None, f"{type(optimizer).__name__} has no fused counterpart (allowed: {allowed})"
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    groups = []
+    for group in optimizer.param_groups:
+        if group.get("differentiable"):
+            return None, "differentiable=True optimizers cannot be fused"
+        # rng_state is made anew (seeded from torch's generator) when a group asks for it
+        kept = {k: v for k, v in group.items() if k not in _IMPLEMENTATION_KEYS and k != "rng_state"}
+        groups.append({**kept, **overrides})
+    defaults = {k: v for k, v in optimizer.defaults.items()
+                if k in accepted and k not in _IMPLEMENTATION_KEYS and k != "params"}
+    defaults.update((k, v) for k, v in overrides.items() if k in accepted)
+    try:
+        fused = cls(groups, **defaults)
+        if optimizer.state:
+            state = optimizer.state_dict()
+            for saved, group in zip(state["param_groups"], fused.param_groups):
+                saved.update(overrides)
+                if "rng_state" in group:
+                    saved["rng_state"] = group["rng_state"]
+            fused.load_state_dict(state)
+    except (ValueError, TypeError, KeyError) as e:
+        return None, f"{cls.__module__}.{cls.__name__} refused the settings: {e}"
+    return fused, None
+
+
+def memory_efficient_options(dtype: torch.dtype) -> dict[str, bool]:
+    """Group options for weights kept in ``dtype``: bf16 -> stochastic rounding, no
+    master; fp16 -> fp32 masters."""
+    return {"master_weights": dtype == torch.float16, "stochastic_rounding": dtype == torch.bfloat16}
+
+
+def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Point an LR scheduler at ``optimizer`` (the fused replacement of its own).
+
+    torch's LRScheduler wraps its optimizer's ``step`` to check that
+    ``optimizer.step()`` runs before ``scheduler.step()``; the replacement gets
+    the same wrapper so that check (and its warning) keeps working.
+    """
+    scheduler.optimizer = optimizer
+    step = optimizer.step
+    if hasattr(step, "_wrapped_by_lr_sched"):
+        return
+    opt_ref = weakref.ref(optimizer)
+    func = step.__func__
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        opt = opt_ref()
+        opt._opt_called = True
+        return func.__get__(opt, opt.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper
+
+
+def low_precision_candidates(model: nn.Module) -> list[nn.Parameter]:
+    """fp32 parameters that memory_efficient keeps in low precision (not norm layers')."""
+    # a param shared with a norm layer stays fp32
+    seen = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
+    out = []
+    for module in model.modules():
+        if isinstance(module, _NORM_LAYERS):
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen and p.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+@torch.no_grad()
+def set_weight_precision(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                         dtype: torch.dtype) -> None:
+    """Store ``params`` in ``dtype`` (fp32 or fp16/bf16), keeping the optimizer consistent.
+
+    To low precision: a param whose optimizer state exists and needs a master gets
+    its exact fp32 value as the master (new state makes one lazily). To fp32: the
+    param takes its master's value (more precise than the rounded weight) and the
+    master is dropped. The Parameter objects stay the same (``.data`` is swapped),
+    so optimizer and scheduler references stay valid; grads are dropped.
+    """
+    chosen = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in chosen or p.dtype == dtype:
+                continue
+            state = optimizer.state.get(p)
+            p.grad = None
+            if dtype == torch.float32:
+                master = state.pop("master", None) if state else None
+                p.data = master if master is not None else p.data.float()
+            else:
+                if state and is_fused(optimizer) and optimizer.needs_master(p.new_empty(0, dtype=dtype), group):
+                    state["master"] = p.data.float().clone()
+                p.data = p.data.to(dtype)
+    for p in params:  # params the optimizer does not hold (frozen): just cast
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)

@@ -1,0 +1,230 @@
+"""The run loop: the same model, seed and batches, trained once in fp32 and once
+(or twice, on CUDA) with amp_engine's MixedPrecisionTrainer.
+
+Everything goes through the trainer's public API (`MixedPrecisionConfig`,
+`MixedPrecisionTrainer.train_step / validate_step / get_amp_stats /
+save_amp_stats`): the fp32 run is the same trainer with `enable_amp=False`, so
+the comparison isolates mixed precision.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from amp_engine import memory
+from amp_engine.demo.corpus import Corpus, batch_offsets, make_batch
+from amp_engine.demo.model import CharTransformer, ModelShape
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# both runs: ~30 s of CPU time; 45-75 s wall measured on a 2-core machine shared with other jobs
+DEFAULT_STEPS = 150
+
+
+@dataclass
+class DemoOptions:
+    """Everything that shapes a demo run (the CLI flags, plus the model shape)."""
+
+    steps: int = DEFAULT_STEPS
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"           # auto | bf16 | fp16 | both (fp16 and bf16)
+    batch_size: int = 32
+    seed: int = 0
+    output: str = "amp_demo_output"
+    plots: bool = True
+    threads: int | None = None    # CPU threads; None: hardware.default_threads()
+    progress: bool | None = None  # tqdm bars; None: only when stderr is a terminal
+    context: int = 64
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    lr: float = 3e-3
+    eval_every: int | None = None  # None: 8 evaluations per run
+    eval_batches: int = 4
+    growth_interval: int = 100    # short, so the loss scale's growth shows within a demo
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "context", "d_model", "n_layers", "n_heads", "eval_batches",
+                     "growth_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected an int >= 1")
+        if self.dtype not in ("auto", "bf16", "fp16", "both"):
+            raise ValueError(f"dtype={self.dtype!r}: allowed 'auto', 'bf16', 'fp16', 'both'")
+        if self.device != "auto" and torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: allowed 'auto', 'cpu', 'cuda', 'cuda:N'")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads!r}: expected an int >= 1 or None")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def amp_dtypes(self) -> list[str]:
+        """The AMP runs to make besides fp32: bf16 on CPU; fp16 (with the scaler) and bf16 on CUDA."""
+        if self.dtype == "both":
+            return ["fp16", "bf16"]
+        if self.dtype == "auto":
+            return ["fp16", "bf16"] if self.resolved_device().type == "cuda" else ["bf16"]
+        return [self.dtype]
+
+
+@dataclass
+class RunRecord:
+    """Per-step history and measurements of one run (name: "fp32", "bf16", "fp16")."""
+
+    name: str
+    step: list
+    loss: list
+    accuracy: list
+    step_time_s: list
+    scale: list
+    skipped: list
+    grad_norm: list
+    val_step: list
+    val_loss: list
+    activation_bytes: int       # bytes autograd saved for backward in one training forward
+    state_bytes: int            # parameters + gradients + optimizer state
+    peak_bytes: int | None      # CUDA peak allocated during the run (None on CPU)
+    wall_s: float               # the whole run, evaluation included
+    amp_stats: dict
+
+
+def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    return sum(part["actual"] for part in memory.state_bytes(model, optimizer).values())
+
+
+def _lr_schedule(steps: int) -> Callable[[int], float]:
+    """Linear warm-up over 10% of the steps, then cosine decay to 10%."""
+    warm = max(1, steps // 10)
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        t = (i - warm) / max(1, steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+def _make_trainer(opts: DemoOptions, amp_dtype: str | None, model: nn.Module,
+                  optimizer: torch.optim.Optimizer, scheduler):
+    from amp_engine import MixedPrecisionConfig, MixedPrecisionTrainer
+
+    fields = dict(
+        enable_amp=amp_dtype is not None,
+        dtype=DTYPES[amp_dtype or "bf16"],
+        growth_interval=opts.growth_interval,
+        validate_amp=False,          # the demo compares fp32 and AMP itself, over the whole run
+        check_compatibility=False,   # a plain transformer: nothing to find, and it costs a trial pass
+        fused_optimizer=True,        # amp_engine's fused AdamW in every run: only the precision differs
+    )
+    config = MixedPrecisionConfig(**fields)
+    return MixedPrecisionTrainer(config, model, optimizer, scheduler=scheduler)
+
+
+def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
+            train_offsets: torch.Tensor, val_offsets: torch.Tensor,
+            echo: Callable[[str], None]) -> RunRecord:
+    """Train one run; `amp_dtype` None is the fp32 baseline."""
+    from tqdm.auto import tqdm
+
+    device = opts.resolved_device()
+    torch.manual_seed(opts.seed)  # identical initial weights in every run
+    shape = ModelShape(corpus.vocab_size, opts.context, opts.d_model, opts.n_layers, opts.n_heads)
+    model = CharTransformer(shape).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(opts.steps))
+    trainer = _make_trainer(opts, amp_dtype, model, optimizer, scheduler)
+    loss_fn = nn.CrossEntropyLoss()
+    eval_every = opts.eval_every or max(1, opts.steps // 8)
+    rec = RunRecord(name, [], [], [], [], [], [], [], [], [], 0, 0, None, 0.0, {})
+
+    def evaluate() -> float:
+        losses = [trainer.validate_step(make_batch(corpus.val, o, opts.context, device), loss_fn, device)["loss"]
+                  for o in val_offsets]
+        return sum(losses) / len(losses)
+
+    show = opts.progress if opts.progress is not None else sys.stderr.isatty()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_run = time.perf_counter()
+    with tqdm(total=opts.steps, desc=f"{name:>5}", unit="step", disable=not show,
+              dynamic_ncols=True, leave=True) as bar:
+        for i in range(opts.steps):
+            batch = make_batch(corpus.train, train_offsets[i], opts.context, device)
+            t0 = time.perf_counter()
+            m = trainer.train_step(batch, loss_fn, device)  # returns floats: synchronized
+            dt = time.perf_counter() - t0
+            rec.step.append(i + 1)
+            rec.loss.append(float(m["loss"]))
+            rec.accuracy.append(m.get("accuracy"))
+            rec.step_time_s.append(dt)
+            if i == 0 and device.type == "cuda":
+                # the first step holds one-off work (the trainer's fp32 reference pass for its
+                # memory statistics, allocator warm-up): peak memory is for steady training
+                torch.cuda.reset_peak_memory_stats(device)
+            rec.scale.append(None if amp_dtype is None else m.get("scale"))
+            rec.skipped.append(bool(m.get("skipped", False)))
+            rec.grad_norm.append(m.get("grad_norm"))
+            if (i + 1) % eval_every == 0 or i + 1 == opts.steps:
+                rec.val_step.append(i + 1)
+                rec.val_loss.append(evaluate())
+            bar.set_postfix(loss=f"{rec.loss[-1]:.3f}", val=f"{rec.val_loss[-1]:.3f}" if rec.val_loss else "-",
+                            tok_s=f"{batch[1].numel() / dt:,.0f}", refresh=False)
+            bar.update(1)
+    rec.wall_s = time.perf_counter() - t_run
+    if device.type == "cuda":
+        rec.peak_bytes = torch.cuda.max_memory_allocated(device)
+    rec.activation_bytes, rec.state_bytes = _measure_memory(
+        trainer, amp_dtype, make_batch(corpus.train, train_offsets[0], opts.context, device), loss_fn, device)
+    rec.amp_stats = trainer.get_amp_stats()
+    trainer.save_amp_stats(os.path.join(opts.output, f"amp_stats_{name}.json"))
+    trainer.cleanup()
+    if not show:
+        echo(f"{name}: {opts.steps} steps in {rec.wall_s:.1f} s, last train loss {rec.loss[-1]:.3f}, "
+             f"val loss {rec.val_loss[-1]:.3f}")
+    return rec
+
+
+def _measure_memory(trainer, amp_dtype, batch, loss_fn, device) -> tuple[int, int]:
+    """(activation bytes, state bytes) of one training step in this run's precision.
+
+    Activations: what autograd saves for backward in the forward
+    (amp_engine.memory.SavedTensorMeter: measured, parameters left out).
+    State: parameters + gradients + optimizer state (masters included), counted
+    while the gradients exist.
+    """
+    model = trainer.model
+    x, y = batch
+    model.train()
+    meter = memory.SavedTensorMeter(exclude=[*model.parameters(), *model.buffers()])
+    with meter, torch.autocast(device.type, dtype=DTYPES[amp_dtype or "bf16"], enabled=amp_dtype is not None):
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    state = _state_bytes(model, trainer.optimizer)
+    model.zero_grad(set_to_none=True)
+    return meter.saved_bytes, state
+
+
+def run_all(opts: DemoOptions, corpus: Corpus, echo: Callable[[str], None]) -> dict[str, RunRecord]:
+    """fp32 first, then each AMP dtype; same seed, same batches."""
+    train_offsets = batch_offsets(len(corpus.train), opts.context, opts.batch_size, opts.steps, opts.seed)
+    val_offsets = batch_offsets(len(corpus.val), opts.context, opts.batch_size, opts.eval_batches, opts.seed + 1)
+    records = {}
+    for amp_dtype in [None] + opts.amp_dtypes():
+        name = amp_dtype or "fp32"
+        records[name] = run_one(name, amp_dtype, opts, corpus, train_offsets, val_offsets, echo)
+    return records
+
+
+def options_dict(opts: DemoOptions) -> dict:
+    return asdict(opts)
