@@ -240,3 +240,46 @@ def test_truncated_checkpoint_file_raises_and_changes_nothing(tmp_path):
     with pytest.raises((OSError, RuntimeError, EOFError, pickle.UnpicklingError)):
         trainer.load_state_dict(torch.load(path, weights_only=True)["trainer"])
     assert_bitwise_equal(before, _everything(model, trainer))
+
+
+# the bare scaler and optimizer: each checks its own state dict before changing anything
+SCALER_CORRUPTIONS = [(_drop(k), k) for k in ("scale", "growth_factor", "backoff_factor",
+                                               "growth_interval", "_growth_tracker")] + [
+    (_set(("scale",), "big"), "scale"), (_set(("scale",), math.nan), "scale"),
+    (_set(("scale",), torch.ones(2)), "scale"), (_set(("_growth_tracker",), 1.5), "_growth_tracker"),
+    (_set(("_hysteresis_tracker",), 7), "exceeds"), (_set(("skipped_steps",), None), "skipped_steps"),
+    (_set(("growth_factor",), 0.5), "growth_factor"), (_set(("min_scale",), -1.0), "min_scale"),
+]
+OPTIMIZER_CORRUPTIONS = [
+    (lambda sd: sd["param_groups"][0].pop("params"), "'params' list"),
+    (_set(("param_groups", 0, "betas"), 0.9), "betas"),
+    (_set(("param_groups", 0, "amsgrad"), "yes"), "amsgrad"),
+    (_set(("param_groups", 0, "rng_state"), torch.zeros(2)), "rng_state"),
+    (lambda sd: sd["state"][0].pop("step"), "step"),
+    (_set(("state", 0, "step"), "x"), "step"),
+    (_set(("state", 1, "exp_avg"), torch.zeros(16, dtype=torch.complex64)), "floating"),
+    (_set(("state", 2, "master"), torch.zeros(3, 4)), "shape"),
+    (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "param groups"),
+]
+
+
+@pytest.mark.parametrize("corrupt,match", SCALER_CORRUPTIONS + OPTIMIZER_CORRUPTIONS,
+                         ids=[f"scaler-{m}" for _, m in SCALER_CORRUPTIONS]
+                         + [f"optimizer-{m}" for _, m in OPTIMIZER_CORRUPTIONS])
+def test_corrupted_scaler_or_optimizer_state_changes_nothing(corrupt, match):
+    model = mlp(torch.float16, seed=0)
+    opt = AdamW(model.parameters(), lr=1e-2, stochastic_rounding=True, master_weights=True)
+    scaler = amp_engine.GradScaler("cpu", init_scale=2.0**8, hysteresis=2, growth_interval=2)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(mse(model(torch.randn(4, 8).half()), torch.zeros(4, 4))).backward()
+        scaler.step(opt)
+        scaler.update()
+    target = scaler if (corrupt, match) in SCALER_CORRUPTIONS else opt
+    sd = copy.deepcopy(target.state_dict())
+    corrupt(sd)
+    before = (snapshot(model, opt), scaler.state_dict(), opt.state_dict()["param_groups"])
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(sd)
+    assert_bitwise_equal(before, (snapshot(model, opt), scaler.state_dict(),
+                                  opt.state_dict()["param_groups"]))
