@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 _SLOW_CHECKS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_SLOW_CHECKS, print_blob=True)
 settings.register_profile("long", max_examples=1500, deadline=None,
                           suppress_health_check=_SLOW_CHECKS, print_blob=True)

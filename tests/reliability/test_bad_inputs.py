@@ -169,7 +169,7 @@ def test_duplicated_params():
     with pytest.raises(ValueError, match="more than one parameter group"):
         AdamW([{"params": [p]}, {"params": [p]}])
     opt = AdamW([p])
-    with pytest.raises(ValueError, match="same tensor"):
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="same tensor"):
         opt.add_param_group({"params": [nn.Parameter(torch.ones(1))] * 2})
     assert len(opt.param_groups) == 1  # the refused group is not kept
     # torch's optimizers (torch warns): the scaler unscales a duplicated grad once, so the
