@@ -168,10 +168,10 @@ class Harness:
             self.rule = ScaleRule(1.0, min_scale=1.0, max_scale=1.0) if bf16 else ScaleRule(**run.scaler)
         self.ref_model, self.ref_opt = _reference_optimizer(run, self.model, self.opt)
         self.injector = Injector(self.model)
-        first = 1 if run.path == "trainer" else 0  # the trainer converts weights at step 0
         self.plan = FaultPlan(run.seed, run.rate, run.accumulate, len(self.injector.params),
                               forced=run.forced)
-        self.first = first
+        # the trainer converts memory-efficient weights during step 0: faults from step 1
+        self.first = 1 if run.path == "trainer" else 0
 
     def grad_dtypes(self):
         if self.run.path == "trainer" and self.run.memory_efficient:
