@@ -113,7 +113,7 @@ class DeviceGrads:
 class OptimizerGrads:
     """What the scaler caches per optimizer: device groups and how to step it."""
 
-    __slots__ = ("key", "groups", "mesh", "grad_scaler_kwarg")
+    __slots__ = ("key", "groups", "mesh", "sharding", "grad_scaler_kwarg")
 
     def __init__(self, optimizer, stats: AmpStats, opt_index: int) -> None:
         self.key = param_groups_key(optimizer)
@@ -132,7 +132,9 @@ class OptimizerGrads:
             DeviceGrads(dev, params, stats.columns_for(params, names))
             for dev, (params, names) in by_device.items()
         ]
-        self.mesh = distributed.dtensor_mesh(p for g in self.groups for p in g.params)
+        # DTensor (FSDP2) params: which mesh to reduce over, and whether the
+        # layout allows summing norms and counts over its shard dimension
+        self.mesh, self.sharding = distributed.dtensor_layout(p for g in self.groups for p in g.params)
         try:
             sig = inspect.signature(optimizer.step).parameters
             self.grad_scaler_kwarg = "grad_scaler" in sig

@@ -31,11 +31,12 @@ def refresh_per_optimizer_state() -> dict[str, Any]:
 
     found_inf: the combined, rank-reduced flag once computed; clip_coef: set by
     clip_grad_norm_; grads_scaled: the grads still carry the scale (checked
-    read-only, or norm taken, but not unscaled in place); mesh: the DTensor mesh.
+    read-only, or norm taken, but not unscaled in place); mesh, sharding: the
+    DTensor mesh and layout (amp_engine.distributed.dtensor_layout).
     A module-level factory so that the scaler pickles.
     """
     return {"stage": OptState.READY, "found_inf_per_device": {}, "found_inf": None,
-            "clip_coef": None, "grads_scaled": False, "mesh": None}
+            "clip_coef": None, "grads_scaled": False, "mesh": None, "sharding": None}
 
 
 def real(value, name: str) -> float:
@@ -131,6 +132,22 @@ class StateMixin:
             logger.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
+    def _set_scale(self, new_scale) -> None:
+        """update(new_scale): torch's checks, then the value clamped to [min_scale, max_scale]."""
+        if isinstance(new_scale, torch.Tensor):
+            reason = ("new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
+                      "torch.FloatTensor with requires_grad=False.")
+            if new_scale.device.type != self._device or new_scale.numel() != 1 \
+                    or new_scale.requires_grad:
+                raise AssertionError(reason)
+            self._scale.copy_(new_scale.detach().reshape(()).clamp(self._min_scale,
+                                                                     self._max_scale))
+            return
+        value = real(new_scale, "new_scale")
+        if not (value > 0.0 and math.isfinite(value)):
+            raise ValueError(f"new_scale must be a finite number > 0, got {new_scale!r}")
+        self._scale.fill_(min(max(value, self._min_scale), self._max_scale))
+
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch's five entries plus hysteresis, its tracker, the bounds and the counters.
@@ -181,7 +198,7 @@ class StateMixin:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
             state["_hysteresis_tracker"] = None
         for key in ("_grad_cache", "_inv_cache", "_one", "_param_names", "_last_step_found_inf",
-                    "_n_optimizers_seen"):
+                    "_n_optimizers_seen", "_counts_base"):
             state.pop(key, None)
         return state
 
