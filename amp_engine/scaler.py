@@ -121,6 +121,27 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
                                               dtype=torch.int32, device=dev)
         self._stats.lazy_init(dev)
 
+    def scale(self, outputs):
+        """``outputs`` (a tensor, or nested lists/tuples/iterables of them) times the scale.
+
+        torch's, with the tensor case redefined here: torch.compile skips every
+        function of torch.amp, so an inherited method breaks the graph.
+        """
+        if self._enabled and isinstance(outputs, Tensor):
+            if self._scale is None:
+                self._lazy_init_scale_growth_tracker(outputs.device)
+            return outputs * self._scale.to(device=outputs.device, non_blocking=True)
+        return super().scale(outputs)
+
+    def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:
+        # torch's, redefined for torch.compile (see scale)
+        fix = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
+        if self._scale is None:
+            raise AssertionError(f"Attempted {funcname} but _scale is None.  " + fix)
+        if self._growth_tracker is None:
+            raise AssertionError(f"Attempted {funcname} but _growth_tracker is None.  " + fix)
+        return self._scale, self._growth_tracker
+
     def _hyst(self) -> Tensor:
         scale = self._scale
         if self._hysteresis_tracker is None or self._hysteresis_tracker.device != scale.device:
@@ -328,20 +349,6 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         state["stage"] = OptState.STEPPED
         self._last_step_found_inf = found_inf
         return retval
-
-    @property
-    def last_step_skipped(self) -> bool | None:
-        """Whether the most recent :meth:`step` skipped its optimizer (syncs; None before any)."""
-        fi = self._last_step_found_inf
-        return fi if fi is None or isinstance(fi, bool) else bool(fi.item())
-
-    @property
-    def last_step_skipped_tensor(self) -> Tensor | None:
-        """The most recent step's found_inf (0-dim fp32 device tensor, 1.0 = skipped): no sync."""
-        fi = self._last_step_found_inf
-        if isinstance(fi, bool):
-            return torch.full((), float(fi), dtype=torch.float32, device=self._scale.device)
-        return fi
 
     # ---------------------------------------------------------------- update
     def update(self, new_scale: float | int | Tensor | None = None) -> None:

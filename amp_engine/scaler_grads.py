@@ -49,8 +49,10 @@ class DeviceGrads:
 
     def grads(self, dtensor: bool) -> tuple[list[Tensor], list[int] | None]:
         """The present grads (dense, local shards) and, if some are None, their columns."""
-        # one pass, ~70 ns per param: this read is the whole per-param Python cost of a step
-        present = [g for p in self.params if (g := p.grad) is not None]
+        # ~70 ns per param: this read is the whole per-param Python cost of a step
+        # (no walrus in the comprehension: torch.compile cannot trace that cell)
+        every = [p.grad for p in self.params]
+        present = [g for g in every if g is not None]
         cols = None
         if len(present) != len(self.params):
             cols = [c for c, p in zip(self.cols, self.params) if p.grad is not None]

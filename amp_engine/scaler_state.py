@@ -243,6 +243,20 @@ class StateMixin:
             return []
         return self._stats.report(self._names(named_parameters), top_k)
 
+    @property
+    def last_step_skipped(self) -> bool | None:
+        """Whether the most recent :meth:`step` skipped its optimizer (syncs; None before any)."""
+        fi = self._last_step_found_inf
+        return fi if fi is None or isinstance(fi, bool) else bool(fi.item())
+
+    @property
+    def last_step_skipped_tensor(self) -> torch.Tensor | None:
+        """The most recent step's found_inf (0-dim fp32 device tensor, 1.0 = skipped): no sync."""
+        fi = self._last_step_found_inf
+        if isinstance(fi, bool):
+            return torch.full((), float(fi), dtype=torch.float32, device=self._scale.device)
+        return fi
+
     def stats(self) -> dict[str, Any]:
         """Counters as a JSON-able dict (syncs): steps, skipped_steps, scale, trackers,
         steps_at_floor, bounds. Also runs the at-floor check."""
