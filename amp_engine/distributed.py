@@ -83,7 +83,8 @@ def dtensor_layout(params: Iterable[Tensor]) -> tuple:
     are sharded along it, False: replicated) when every param is a DTensor on
     that one mesh with the same layout (FSDP2: ``(True,)``; HSDP:
     ``(False, True)``); else None (mixed meshes or layouts, Partial placements,
-    plain tensors among DTensors), and then only found_inf can be reduced (MAX).
+    plain tensors among DTensors): then everything is MAX-reduced (found_inf
+    stays exact; counts become a lower bound) and clipping takes torch's path.
     """
     cls = _dtensor_class()
     if cls is None:
@@ -110,16 +111,21 @@ def _mesh_groups(mesh) -> list:
 
 
 def _step_groups(process_group, device_mesh, sharding) -> list[tuple]:
-    """[(group, sum)]: the groups to reduce over and whether to SUM (sharded) or MAX."""
+    """[(group, sum)]: the groups to reduce over and whether to SUM (sharded) or MAX.
+
+    The mesh first (its layout says what to sum), then the process group with
+    MAX: after the mesh every rank of it holds the same values, so a group that
+    covers the mesh changes nothing, and a larger one (other pipeline stages,
+    other replicas) brings their found_inf in.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return []
-    if process_group is not None:
-        pairs = [(process_group, False)]
-    elif device_mesh is not None:
+    pairs = []
+    if device_mesh is not None:
         sums = sharding if sharding is not None else (False,) * device_mesh.ndim
-        pairs = list(zip(_mesh_groups(device_mesh), sums))
-    else:
-        return []
+        pairs += list(zip(_mesh_groups(device_mesh), sums))
+    if process_group is not None:
+        pairs.append((process_group, False))
     return [(g, s) for g, s in pairs if dist.get_world_size(g) > 1]
 
 
@@ -129,10 +135,10 @@ def all_reduce_step_(found_inf: Tensor, process_group=None, device_mesh=None, *,
     """Reduce one step's found_inf, and optionally norm² and overflow counts, in place.
 
     One fp64 buffer ``[found_inf, norm_sq?, counts - counts_base ...]``, one
-    all-reduce per group: over ``process_group`` (MAX: replicated grads, DDP),
-    else over each dimension of ``device_mesh``, SUM where ``sharding`` says the
-    grads are sharded (the shards' squared norms and counts add up) and MAX
-    elsewhere. found_inf ends exactly 0.0 or 1.0 on every rank.
+    all-reduce per group: over each dimension of ``device_mesh``, SUM where
+    ``sharding`` says the grads are sharded (the shards' squared norms and
+    counts add up) and MAX elsewhere; then over ``process_group`` with MAX
+    (replicated grads: DDP). found_inf ends exactly 0.0 or 1.0 on every rank.
 
     Args:
         found_inf: 0-dim fp32 flag (0.0 / 1.0) on the process group's device.

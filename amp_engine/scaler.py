@@ -68,7 +68,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
             (1 = torch's behaviour).
         min_scale: the scale floor (default 2**-24, see the module docstring).
         max_scale: the scale ceiling (default inf: torch's rule, never grow to inf).
-        process_group: MAX-reduce found_inf over this group before skipping.
+        process_group: MAX-reduce found_inf over this group before skipping (DDP:
+            its group). DTensor (FSDP2) grads need none: their mesh is used (and
+            then this group too, if given).
         floor_patience: warn when the scale has sat at ``min_scale`` for this
             many consecutive updates (0 disables the check).
         raise_at_floor: raise RuntimeError instead of warning.

@@ -57,3 +57,26 @@ def run_on_ranks(fn, *args, world: int = WORLD, timeout: float = 150.0) -> list:
                     p.kill()
         return [torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False)
                 for r in range(world)]
+
+
+class CollectiveCounter:
+    """Counts the all-reduces amp_engine itself issues (not DDP's or FSDP's): ``with`` it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __enter__(self) -> "CollectiveCounter":
+        import sys
+
+        self._saved = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith(os.path.join("amp_engine", "distributed.py")):
+                self.calls += 1
+            return self._saved(*args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist.all_reduce = self._saved

@@ -21,7 +21,7 @@ from torch import nn
 
 import amp_engine
 
-from .ranks import requires_gloo, run_on_ranks
+from .ranks import CollectiveCounter, requires_gloo, run_on_ranks
 
 pytestmark = requires_gloo
 
@@ -60,7 +60,7 @@ def scenario_loop(rank, world, group):
     opt = AdamW(model.parameters(), lr=1e-2)
     pg = dist.group.WORLD if group == "world" else None
     scaler = GradScaler("cpu", init_scale=2.0**10, growth_interval=2, process_group=pg)
-    hist = []
+    hist, collectives = [], CollectiveCounter()
     for i in range(STEPS):
         x, y = rows(i, rank) if distributed else global_batch(i, world)
         opt.zero_grad()
@@ -72,12 +72,14 @@ def scenario_loop(rank, world, group):
             grads[0][0, 0] = math.inf
         if i == NAN_STEP and (rank == 0 or not distributed):
             grads[3][1] = math.nan
-        norm = scaler.clip_grad_norm_(opt, 0.5)
-        scaler.step(opt)
-        skipped = scaler.last_step_skipped
-        scaler.update()
+        with collectives:
+            norm = scaler.clip_grad_norm_(opt, 0.5)
+            scaler.step(opt)
+            skipped = scaler.last_step_skipped
+            scaler.update()
         hist.append((skipped, scaler.get_scale(), float(norm)))
-    return {"hist": hist, "params": params(model), "report": scaler.overflow_report(model)}
+    return {"hist": hist, "params": params(model), "report": scaler.overflow_report(model),
+            "collectives": collectives.calls}
 
 
 def scenario_trainer(rank, world):
@@ -134,6 +136,7 @@ def test_one_ranks_overflow_skips_every_rank(ranks):
     # scales never diverge (the clip norms are each rank's: inf only where the inf was)
     assert [h[:2] for h in r0["loop"]["hist"]] == [h[:2] for h in r1["loop"]["hist"]]
     assert all(torch.equal(a, b) for a, b in zip(r0["loop"]["params"], r1["loop"]["params"]))
+    assert r0["loop"]["collectives"] == STEPS  # one small all-reduce per step, no more
     # without the reduction each rank skips only its own overflow: the ranks drift apart
     assert [h[0] for h in r0["loop_no_group"]["hist"]] != [h[0] for h in r1["loop_no_group"]["hist"]]
 

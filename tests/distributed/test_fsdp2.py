@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from .ranks import requires_gloo, run_on_ranks
+from .ranks import CollectiveCounter, requires_gloo, run_on_ranks
 
 pytestmark = requires_gloo
 
@@ -87,15 +87,18 @@ def scenario_skip(rank, world):
         opt = AdamW(model.parameters(), lr=1e-2)
         scaler = _scaler()
         before = None
-        hist = []
+        hist, collectives = [], []
         for i in range(STEPS):
             if i == INF_STEP:
                 before = [full(p) for p in model.parameters()]
-            hist += _train(model, opt, scaler, 1, rank, world, sharded=sharded, first=i)
+            with CollectiveCounter() as counter:
+                hist += _train(model, opt, scaler, 1, rank, world, sharded=sharded, first=i)
+            collectives.append(counter.calls)
             if i == INF_STEP:
                 res[f"unchanged_{sharded}"] = all(torch.equal(a, full(p)) for a, p in
                                                   zip(before, model.parameters()))
         res[f"hist_{sharded}"] = hist
+        res[f"collectives_{sharded}"] = collectives
         res[f"params_{sharded}"] = [full(p) for p in model.parameters()]
         res[f"report_{sharded}"] = scaler.overflow_report(model)
         res[f"stats_{sharded}"] = scaler.stats()
@@ -104,6 +107,22 @@ def scenario_skip(rank, world):
             res["state_types"] = sorted({type(v).__name__ for st in opt.state.values()
                                          for v in st.values()})
     return res
+
+
+def scenario_hsdp(rank, world):
+    """HSDP layout (a 2-D mesh: replicate x shard, here 1 x 2): norms summed over the shard
+    dimension only, found_inf reduced over both."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from amp_engine.distributed import dtensor_layout
+    from amp_engine.optim import AdamW
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    model = shard(build(), mesh=mesh)
+    opt, scaler = AdamW(model.parameters(), lr=1e-2), _scaler()
+    hist = _train(model, opt, scaler, STEPS, rank, world, sharded=True)
+    return {"layout": dtensor_layout(model.parameters())[1], "hist": hist,
+            "params": [full(p) for p in model.parameters()]}
 
 
 def scenario_checkpoint(rank, world, folder):
@@ -161,7 +180,7 @@ def scenario_trainer(rank, world):
 
 def run_all(rank, world, folder):
     return {"skip": scenario_skip(rank, world), "checkpoint": scenario_checkpoint(rank, world, folder),
-            "trainer": scenario_trainer(rank, world)}
+            "trainer": scenario_trainer(rank, world), "hsdp": scenario_hsdp(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +202,9 @@ def test_overflow_in_one_shard_skips_every_rank(ranks):
         assert r["unchanged_True"]  # the skipped step changed no parameter
         assert r["stats_True"]["skipped_steps"] == 2
     assert nan_equal(r0["hist_True"]) == nan_equal(r1["hist_True"])  # same skips, scales, norms
+    # one all-reduce per step carries found_inf, the clip norm and the overflow counts
+    assert r0["collectives_True"] == r1["collectives_True"] == [1] * STEPS
+    assert r0["collectives_False"] == [0] * STEPS  # one process: nothing to reduce
     assert [h[1] for h in r0["hist_True"]] == [1024.0, 2048.0, 1024.0, 1024.0, 512.0, 512.0]
     assert all(torch.equal(a, b) for a, b in zip(r0["params_True"], r1["params_True"]))
 
@@ -196,6 +218,14 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(ranks):
         assert a == pytest.approx(b, rel=1e-5) or (math.isnan(a) and math.isnan(b))
     for a, b in zip(r["params_True"], r["params_False"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hsdp_layout_reduces_norms_over_the_shard_dimension(ranks):
+    for r in ranks:
+        h = r["hsdp"]
+        assert h["layout"] == (False, True)
+        assert nan_equal(h["hist"]) == nan_equal(r["skip"]["hist_True"])
+        assert all(torch.equal(a, b) for a, b in zip(h["params"], r["skip"]["params_True"]))
 
 
 def test_overflow_report_names_the_parameter_on_every_rank(ranks):
