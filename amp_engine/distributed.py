@@ -142,9 +142,9 @@ def all_reduce_step_(found_inf: Tensor, process_group=None, device_mesh=None, *,
 
     Args:
         found_inf: 0-dim fp32 flag (0.0 / 1.0) on the process group's device.
-        sharding: from :func:`dtensor_layout` (None: MAX over every dimension;
-            ``norm_sq`` must then be None: a sharded norm cannot be summed).
-        norm_sq: 0-dim fp32, the squared norm of this rank's grads.
+        sharding: from :func:`dtensor_layout` (None: MAX over every dimension).
+        norm_sq: 0-dim fp32/fp64, the squared norm of this rank's grads (needs
+            ``device_mesh`` and ``sharding``; else ValueError).
         counts, counts_base: int64 ``[n]``: cumulative per-parameter counts and
             their value after the previous reduction (identical on every rank).
             Only the increment travels; afterwards ``counts = counts_base +
@@ -153,6 +153,9 @@ def all_reduce_step_(found_inf: Tensor, process_group=None, device_mesh=None, *,
     Returns whether anything was reduced (False without torch.distributed, a
     group or a mesh, or when every group has one rank). No host sync on NCCL.
     """
+    if norm_sq is not None and (device_mesh is None or sharding is None):
+        raise ValueError("norm_sq needs device_mesh and its sharding (dtensor_layout): only then "
+                         "is it known over which mesh dimensions the squared norms add up")
     groups = _step_groups(process_group, device_mesh, sharding)
     if not groups:
         return False

@@ -23,6 +23,8 @@ from amp_engine import GradScaler
 from amp_engine.optim import SGD, AdamW
 
 BAD_STEPS = (2, 5)
+# Dynamo traces through the op layer's lru_cached backend choice (constant per build) and says so
+pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 
 
 @pytest.fixture(autouse=True)
