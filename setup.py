@@ -15,6 +15,7 @@ none). Environment:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -60,6 +61,11 @@ sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno"]  # torch adds its own -std (C++20 for 2.14)
 # -fno-math-errno: nothing reads errno, and with it GCC vectorizes sqrt (optimizer steps)
 cxx_flags += ["-march=native"] if native else []
+# at::parallel_for is header-only on torch's OpenMP builds: without -fopenmp the
+# CPU kernels would silently run on one thread. libgomp is torch's own (same soname).
+openmp = torch.backends.openmp.is_available() and sys.platform.startswith("linux")
+cxx_flags += ["-fopenmp"] if openmp else []
+link_flags = ["-fopenmp"] if openmp else []
 nvcc_flags = ["-O3", "--threads", "1", "-lineinfo"]
 define_macros = []  # torch defines Py_LIMITED_API itself for py_limited_api builds
 if with_cuda:
@@ -92,6 +98,7 @@ setup(
             sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args=extra,
+            extra_link_args=link_flags,
             define_macros=define_macros,
             py_limited_api=True,
         )

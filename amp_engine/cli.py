@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated benchmarks to run, from {','.join(BENCHES)} (default: all)")
     bench.add_argument("--min-run-time", type=_positive_float, default=None,
                        help="seconds of timing per case (default 0.2 with --quick, else 1.0)")
+    bench.add_argument("--numel", type=_positive_int, default=None,
+                       help="elements of the large cases (ops, optim; 200 tensors): default 50M, 4M with --quick")
+    bench.add_argument("--small-tensors", type=_positive_int, default=None,
+                       help="tensors of the small-tensor ops case: default 10000, 1000 with --quick")
     bench.add_argument("--output", default="bench_output", help="output folder (default bench_output/)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG bar chart")
 
@@ -148,9 +152,10 @@ def cmd_bench(args) -> int:
         except ImportError as exc:
             skipped.append(f"{name} ({exc})")
             continue
-        kwargs = {}
-        if args.min_run_time is not None and "min_run_time" in inspect.signature(module.run).parameters:
-            kwargs["min_run_time"] = args.min_run_time
+        accepted = inspect.signature(module.run).parameters
+        wanted = {"min_run_time": args.min_run_time, "numel": args.numel,
+                  "small_tensors": args.small_tensors}
+        kwargs = {k: v for k, v in wanted.items() if v is not None and k in accepted}
         print(f"running {name} benchmarks on {device}{' (quick)' if args.quick else ''} ...", flush=True)
         # run() -> (rows, env) or (rows, env, copy GB/s): overhead benches have no bandwidth
         result = module.run(device, args.quick, **kwargs)

@@ -17,10 +17,13 @@ from amp_engine.bench.common import (Row, arg_parser, copy_bandwidth_gbps, envir
                                      markdown_table, time_fn, write_results)
 
 
-def cases(quick: bool) -> list[tuple[str, list[int]]]:
+def cases(quick: bool, numel: int | None = None, small_tensors: int | None = None
+          ) -> list[tuple[str, list[int]]]:
+    """The large case (`numel` fp32 elements in 200 tensors; default 50 M, 4 M quick)
+    and the small-tensor case (`small_tensors` tensors of 50-1000 elements)."""
     gen = torch.Generator().manual_seed(0)
-    n_large = 4_000_000 if quick else 50_000_000
-    n_small = 1_000 if quick else 10_000
+    n_large = numel or (4_000_000 if quick else 50_000_000)
+    n_small = small_tensors or (1_000 if quick else 10_000)
     small = torch.randint(50, 1000, (n_small,), generator=gen).tolist()
     return [
         (f"{n_large / 1e6:g}M fp32 in 200 tensors", [n_large // 200] * 200),
@@ -28,13 +31,14 @@ def cases(quick: bool) -> list[tuple[str, list[int]]]:
     ]
 
 
-def run(device: str = "cpu", quick: bool = False, min_run_time: float | None = None) -> tuple[list[Row], dict, float]:
+def run(device: str = "cpu", quick: bool = False, min_run_time: float | None = None,
+        numel: int | None = None, small_tensors: int | None = None) -> tuple[list[Row], dict, float]:
     dev = torch.device(device)
     mrt = min_run_time if min_run_time is not None else (0.2 if quick else 1.0)
     rows: list[Row] = []
     backend = ops.available_backends(dev)[0]
     copy_gbps = None
-    for case, sizes in cases(quick):
+    for case, sizes in cases(quick, numel, small_tensors):
         grads = [torch.randn(n, device=dev) for n in sizes]
         nbytes = sum(g.numel() * g.element_size() for g in grads)
         if copy_gbps is None:
@@ -74,8 +78,13 @@ def run(device: str = "cpu", quick: bool = False, min_run_time: float | None = N
 
 
 def main(argv=None) -> int:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    rows, env, copy_gbps = run(args.device, args.quick)
+    parser = arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=None,
+                        help="elements of the large case (200 tensors); default 50M, 4M with --quick")
+    parser.add_argument("--small-tensors", type=int, default=None,
+                        help="tensors of the small case; default 10000, 1000 with --quick")
+    args = parser.parse_args(argv)
+    rows, env, copy_gbps = run(args.device, args.quick, numel=args.numel, small_tensors=args.small_tensors)
     print(f"# bench_ops on {env.get('gpu', env['cpu'])} ({env['device']}, torch {env['torch']}); "
           f"copy bandwidth {copy_gbps:.1f} GB/s\n")
     print(markdown_table(rows))

@@ -162,8 +162,12 @@ def norm_backend(device) -> str:
     return "ops spelled out, torch._foreach_norm stand-in for the norm pass"
 
 
-def cases(quick: bool):
-    total = 4_000_000 if quick else 50_000_000
+def default_numel(quick: bool) -> int:
+    return 4_000_000 if quick else 50_000_000
+
+
+def cases(quick: bool, numel: int | None = None):
+    total = numel or default_numel(quick)
     label = f"{total / 1e6:g}M params in 200 tensors"
     return [
         (f"fp32 params, {label}", torch.float32, [
@@ -180,8 +184,9 @@ def cases(quick: bool):
     ]
 
 
-def run(device: str = "cpu", quick: bool = False, rounds: int | None = None):
-    """Every recipe of a case is built first, then timed in interleaved rounds (each
+def run(device: str = "cpu", quick: bool = False, rounds: int | None = None,
+        numel: int | None = None):
+    """`numel` params in 200 tensors (default 50 M, 4 M with `quick`). Every recipe of a case is built first, then timed in interleaved rounds (each
     round runs each recipe and a plain copy in turn): machine noise hits all alike.
     The copy bandwidth is the median over the rounds of both cases."""
     dev = torch.device(device)
@@ -190,8 +195,8 @@ def run(device: str = "cpu", quick: bool = False, rounds: int | None = None):
     rows: list[Row] = []
     copies: list[float] = []
     in_place: list[float] = []
-    for case, dtype, recipes in cases(quick):
-        sizes = _sizes(4_000_000 if quick else 50_000_000, 200)
+    for case, dtype, recipes in cases(quick, numel):
+        sizes = _sizes(numel or default_numel(quick), 200)
         n_params = sum(sizes)
         src = torch.ones(n_params, device=dev)  # copy buffer as large as the fp32 params
         dst = torch.empty_like(src)
@@ -270,10 +275,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--numel", type=int, default=None,
+                        help="parameters in all (200 tensors); default 50M, 4M with --quick")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, env, copy_gbps = run(args.device, args.quick, args.rounds)
+    rows, env, copy_gbps = run(args.device, args.quick, args.rounds, args.numel)
     print(f"# bench_optim on {env.get('gpu', env['cpu'])} ({env['device']}, "
           f"{env['cpu_threads']} threads, torch {env['torch']}); copy bandwidth "
           f"{copy_gbps:.1f} GB/s, in-place read+write {env['in_place_rw_gbps']:.1f} GB/s; "

@@ -29,6 +29,18 @@ def _device_of(grads: Sequence[Tensor], fallback: Tensor) -> torch.device:
     return fallback.device if isinstance(fallback, Tensor) else torch.device("cpu")
 
 
+def _compiled(op, grads, inv_scale, found_inf, counts, *rest):
+    """Call a compiled op. Errors the binding raises before the kernel's own
+    checks (a None or non-tensor in `grads`, a sparse grad) do not name the
+    argument: on failure the Python checks run and raise their precise error
+    (free on the hot path)."""
+    try:
+        return op(grads, inv_scale, found_inf, counts, *rest)
+    except (RuntimeError, ValueError, TypeError):
+        validation.check_check_args(grads, inv_scale, found_inf, counts)
+        raise
+
+
 def _python_backend(name: str):
     if name == "reference":
         return reference
@@ -61,7 +73,7 @@ def unscale_and_check_(
     device = _device_of(grads, found_inf)
     name = dispatch.select(backend, device)
     if name in ("cpp", "cuda"):
-        torch.ops.amp_engine.unscale_and_check_(grads, inv_scale, found_inf, counts)
+        _compiled(torch.ops.amp_engine.unscale_and_check_, grads, inv_scale, found_inf, counts)
         return
     validation.check_check_args(grads, inv_scale, found_inf, counts)
     _python_backend(name).unscale_and_check_(grads, inv_scale, found_inf, counts)
@@ -88,9 +100,8 @@ def grad_norm_and_check(
     device = _device_of(grads, found_inf)
     name = dispatch.select(backend, device)
     if name in ("cpp", "cuda"):
-        total, per = torch.ops.amp_engine.grad_norm_and_check(
-            grads, inv_scale, found_inf, counts, bool(per_tensor)
-        )
+        total, per = _compiled(torch.ops.amp_engine.grad_norm_and_check, grads, inv_scale,
+                               found_inf, counts, bool(per_tensor))
     else:
         validation.check_check_args(grads, inv_scale, found_inf, counts)
         total, per = _python_backend(name).grad_norm_and_check(

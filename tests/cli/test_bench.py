@@ -7,7 +7,7 @@ from amp_engine.cli import main
 
 def test_bench_quick_table(tmp_path, capsys, monkeypatch):
     # tiny cases: the test checks the plumbing, not the numbers
-    monkeypatch.setattr(ops_bench, "cases", lambda quick: [("tiny fp32 in 4 tensors", [1000, 5, 123, 4097])])
+    monkeypatch.setattr(ops_bench, "cases", lambda quick, *sizes: [("tiny fp32 in 4 tensors", [1000, 5, 123, 4097])])
     assert main(["bench", "--quick", "--only", "ops", "--device", "cpu", "--min-run-time", "0.01",
                  "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -33,3 +33,10 @@ def test_reference_backend_is_called_out(monkeypatch):
     assert note is not None and "reference backend" in note and "'cpp'" in note
     monkeypatch.setattr(dispatch, "available_backends", lambda device="cpu": ["cpp", "reference"])
     assert cli._reference_note("cpu") is None
+
+
+def test_bench_sizes_selectable(tmp_path, capsys):
+    assert main(["bench", "--only", "ops", "--device", "cpu", "--min-run-time", "0.01", "--no-plot",
+                 "--numel", "2000", "--small-tensors", "7", "--output", str(tmp_path)]) == 0
+    cases = {r["case"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert cases == {"0.002M fp32 in 200 tensors", "7 small fp32 tensors"}

@@ -1,5 +1,4 @@
 """DTensor params (FSDP2): the fused step runs on each rank's local shard."""
-import os
 
 import pytest
 import torch
@@ -17,12 +16,12 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+def mesh(tmp_path_factory):
+    # a file store, not a TCP port: nothing to collide with other test runs
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        init_file = tmp_path_factory.mktemp("dist") / "init"
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
     yield init_device_mesh("cpu", (1,))
     if created:
         dist.destroy_process_group()

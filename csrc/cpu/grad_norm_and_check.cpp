@@ -1,0 +1,298 @@
+// CPU kernel of amp_engine::grad_norm_and_check: the L2 norm of the unscaled
+// grads and the non-finite check in one read-only pass. Contract:
+// amp_engine/ops/reference.py.
+//
+// Numerics: the unscaled value is formed as the unscale op forms it (fp32
+// float(g) * inv_scale, fp64 for fp64 grads), so fp32 grads holding scaled
+// values near 1e30 are squared after unscaling and do not overflow; squares
+// are accumulated in fp64 (exact for fp32 inputs: fp32 * fp32 fits in a
+// double's mantissa) in 16 fixed lanes per chunk. Chunk sums land in a
+// per-chunk array and are added per tensor in chunk order, so the result does
+// not depend on the thread count or on how the data happens to be aligned.
+#include <ATen/EmptyTensor.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/grad_chunks.h"
+#include "cpu/grad_dtypes.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace amp_engine::cpu {
+namespace {
+
+struct ChunkSum {
+  double sumsq;
+  int64_t bad;
+};
+
+// The hot loop only sums squares, into 16 fp64 lanes: element i of a chunk
+// goes to lane i % 16, a fixed association, so the rounding is the same on
+// every thread split. The lanes are two 8-wide GCC/Clang vectors, which
+// compile to AVX2, SSE2 or NEON as the build targets, with AVX-512 intrinsics
+// for the widening multiply-add (gcc's autovectorizer handles this mixed
+// fp32/fp64 loop only sometimes, and splits the conversion).
+//
+// Non-finite values cost the hot loop nothing: a non-finite fp32/fp64 u makes
+// its square, hence the chunk's sum, inf/NaN (finite squares of one chunk of
+// fp32 values cannot overflow fp64); for fp16/bf16, whether any u would round
+// to inf/NaN follows from the largest |g| alone, as rounding is monotonic. A
+// chunk so flagged (rare: the step will be skipped) is counted exactly by a
+// second pass.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
+
+// Unaligned vector load (by reference: returning a vector by value changes
+// the ABI between ISA levels, which gcc warns about in portable builds).
+template <class V, class T>
+inline void load(V& v, const T* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline float widen(c10::Half x) { return half_to_float(x.x); }
+inline float widen(c10::BFloat16 x) { return bf16_to_float(x.x); }
+
+#if defined(__AVX512F__)
+// Eight grads widened to fp32 in a register.
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 widen8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 widen8(const c10::Half* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  return _mm256_setr_ps(widen(p[0]), widen(p[1]), widen(p[2]), widen(p[3]), widen(p[4]),
+                        widen(p[5]), widen(p[6]), widen(p[7]));
+#endif
+}
+#endif
+
+struct LaneSums {
+  f64x8 lo = {};  // lanes 0-7
+  f64x8 hi = {};  // lanes 8-15
+
+  // Squares of the unscaled p[0, 16) into the 16 lanes (fp32/fp16/bf16 grads).
+  template <class T>
+  void add16(const T* p, float inv) {
+#if defined(__AVX512F__)
+    // Intrinsics: GCC 12 splits __builtin_convertvector(f32x8 -> f64x8) into
+    // 128-bit pieces. The maskz forms avoid its spurious -Wmaybe-uninitialized.
+    const __m256 v_inv = _mm256_set1_ps(inv);
+    const __m512d d_lo = _mm512_maskz_cvtps_pd(0xFF, _mm256_mul_ps(widen8(p), v_inv));
+    const __m512d d_hi = _mm512_maskz_cvtps_pd(0xFF, _mm256_mul_ps(widen8(p + 8), v_inv));
+    lo = _mm512_fmadd_pd(d_lo, d_lo, lo);
+    hi = _mm512_fmadd_pd(d_hi, d_hi, hi);
+#else
+    float w[16];
+    for (int j = 0; j < 16; ++j) w[j] = widen(p[j]);
+    f32x8 w_lo, w_hi;
+    load(w_lo, w);
+    load(w_hi, w + 8);
+    const f64x8 d_lo = __builtin_convertvector(w_lo * inv, f64x8);
+    const f64x8 d_hi = __builtin_convertvector(w_hi * inv, f64x8);
+    lo += d_lo * d_lo;
+    hi += d_hi * d_hi;
+#endif
+  }
+  void add16(const double* p, double inv) {
+    f64x8 g_lo, g_hi;
+    load(g_lo, p);
+    load(g_hi, p + 8);
+    const f64x8 u_lo = g_lo * inv;
+    const f64x8 u_hi = g_hi * inv;
+    lo += u_lo * u_lo;
+    hi += u_hi * u_hi;
+  }
+  // p[0, n), n a multiple of 16 except for a chunk's last call.
+  template <class T, class Inv>
+  void add(const T* p, int64_t n, Inv inv) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) add16(p + i, inv);
+    for (int j = 0; i + j < n; ++j) {
+      const double u = widen(p[i + j]) * inv;  // fp32 product for fp32/16-bit data
+      (j < 8 ? lo[j] : hi[j - 8]) += u * u;
+    }
+  }
+  double sum() const {  // pairwise, fixed order
+    double a[8];
+    for (int j = 0; j < 8; ++j) a[j] = lo[j] + hi[j];
+    for (int w = 4; w > 0; w /= 2) {
+      for (int j = 0; j < w; ++j) a[j] += a[j + w];
+    }
+    return a[0];
+  }
+};
+
+// The largest magnitude among fp16/bf16 bit patterns (their order is that of
+// the unsigned bits with the sign cleared; inf and NaN come last).
+uint16_t max_magnitude(const uint16_t* __restrict p, int64_t n) {
+  uint16_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max<uint16_t>(m, p[i] & 0x7FFFu);
+  return m;
+}
+
+// Exact non-finite counts for a flagged chunk: the same test unscale_and_check_
+// applies to the value it stores.
+int64_t count_bad(const float* p, int64_t n, float inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += nonfinite(p[i] * inv);
+  return bad;
+}
+
+int64_t count_bad(const double* p, int64_t n, double inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad += nonfinite(p[i] * inv);
+  return bad;
+}
+
+// fp16/bf16: u (fp32) would round to inf/NaN in the grad's dtype.
+int64_t count_bad(const c10::Half* p, int64_t n, float inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bad += (bits_of(half_to_float(p[i].x) * inv) & 0x7FFFFFFFu) >= kHalfOverflowBits;
+  }
+  return bad;
+}
+
+int64_t count_bad(const c10::BFloat16* p, int64_t n, float inv) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bad += (bits_of(bf16_to_float(p[i].x) * inv) & 0x7FFFFFFFu) >= kBf16OverflowBits;
+  }
+  return bad;
+}
+
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const float* p, int64_t n, float inv) {
+  LaneSums sums;
+  sums.add(p, n, inv);
+  const double sumsq = sums.sum();
+  return {sumsq, std::isfinite(sumsq) ? 0 : count_bad(p, n, inv)};
+}
+
+// fp64: squares of |u| > 1e154 overflow too; the exact count then finds none.
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const double* p, int64_t n, double inv) {
+  LaneSums sums;
+  sums.add(p, n, inv);
+  const double sumsq = sums.sum();
+  return {sumsq, std::isfinite(sumsq) ? 0 : count_bad(p, n, inv)};
+}
+
+// fp16/bf16: the norm uses the fp32 unscaled value (not rounded to the grad's
+// dtype), as the reference does. Flag: the largest |g| times |inv_scale|
+// reaches the overflow threshold (or is NaN). In blocks, so that the second
+// read of each block (its largest magnitude) hits L1.
+constexpr int64_t kBlock = 1024;
+static_assert(kBlock % 16 == 0, "blocks keep each element in its lane");
+
+template <class T>
+__attribute__((always_inline)) inline ChunkSum chunk_sum_16bit(const T* p, int64_t n, float inv, float (*to_float)(uint16_t),
+                         uint32_t overflow_bits) {
+  const uint16_t* raw = reinterpret_cast<const uint16_t*>(p);
+  LaneSums sums;
+  uint16_t largest_bits = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    sums.add(p + b, m, inv);
+    largest_bits = std::max(largest_bits, max_magnitude(raw + b, m));
+  }
+  const float largest = to_float(largest_bits) * std::fabs(inv);
+  const bool flagged = (bits_of(largest) & 0x7FFFFFFFu) >= overflow_bits;
+  return {sums.sum(), flagged ? count_bad(p, n, inv) : 0};
+}
+
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const c10::Half* p, int64_t n, float inv) {
+  return chunk_sum_16bit(p, n, inv, half_to_float, kHalfOverflowBits);
+}
+
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const c10::BFloat16* p, int64_t n, float inv) {
+  return chunk_sum_16bit(p, n, inv, bf16_to_float, kBf16OverflowBits);
+}
+
+// One dtype group: adds each tensor's sum of squares into sumsq[tensor];
+// returns whether any element was non-finite.
+template <class T, class Inv>
+bool norm_group(const GradSpans& g, Inv inv, int64_t* counts, std::vector<double>& chunk_sumsq,
+                std::vector<double>& sumsq) {
+  std::atomic<bool> any_bad{false};
+  chunk_sumsq.assign(static_cast<size_t>(g.chunks), 0.0);
+  for_each_chunk(g, [&](const GradSpan& s, int64_t chunk, int64_t off, int64_t len) {
+    const ChunkSum r = chunk_sum(static_cast<const T*>(s.data) + off, len, inv);
+    chunk_sumsq[chunk] = r.sumsq;
+    if (r.bad != 0) {  // rare: atomics off the common path
+      any_bad.store(true, std::memory_order_relaxed);
+      if (counts != nullptr) __atomic_fetch_add(counts + s.tensor, r.bad, __ATOMIC_RELAXED);
+    }
+  });
+  for (const GradSpan& s : g.spans) {
+    const int64_t n_chunks = (s.numel + kChunk - 1) / kChunk;
+    double total = 0.0;
+    for (int64_t c = 0; c < n_chunks; ++c) total += chunk_sumsq[s.first_chunk + c];
+    sumsq[s.tensor] = total;
+  }
+  return any_bad.load(std::memory_order_relaxed);
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cpu(
+    at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
+    const std::optional<at::Tensor>& counts, bool per_tensor) {
+  const c10::Device dev = check_tensor_list(grads, "grads");
+  check_scalar_tensor(inv_scale, "inv_scale", c10::kFloat, dev);
+  check_scalar_tensor(found_inf, "found_inf", c10::kFloat, dev);
+  const bool has_counts = counts.has_value() && counts->defined();
+  if (has_counts) check_counts(*counts, grads.size(), dev);
+
+  const float inv = *inv_scale.const_data_ptr<float>();
+  int64_t* counts_data = has_counts ? counts->mutable_data_ptr<int64_t>() : nullptr;
+
+  // Non-dense views (rare) are read from contiguous copies (read-only: no copy_back).
+  DenseList dense;
+  GradGroups groups;
+  if (!collect_spans(grads, groups)) {
+    dense = make_dense(grads);
+    collect_spans(dense.tensors, groups);
+  }
+  std::vector<double> sumsq(grads.size(), 0.0);
+  std::vector<double> chunk_sumsq;
+  const bool any_bad =
+      norm_group<float>(groups[kF32], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<c10::Half>(groups[kF16], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<c10::BFloat16>(groups[kBF16], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<double>(groups[kF64], static_cast<double>(inv), counts_data, chunk_sumsq, sumsq);
+  if (any_bad) *found_inf.mutable_data_ptr<float>() = 1.0f;
+
+  // Allocated directly (no dispatcher round trip: ~1 us of the op's fixed cost).
+  at::Tensor total = at::detail::empty_cpu({}, c10::kFloat);
+  at::Tensor per =
+      at::detail::empty_cpu({per_tensor ? static_cast<int64_t>(grads.size()) : 0}, c10::kFloat);
+  double sum = 0.0;  // tensor order, as the reference sums its per-tensor vector
+  for (double s : sumsq) sum += s;
+  *total.mutable_data_ptr<float>() = static_cast<float>(std::sqrt(sum));
+  if (per_tensor) {
+    float* out = per.mutable_data_ptr<float>();
+    for (size_t i = 0; i < sumsq.size(); ++i) out[i] = static_cast<float>(std::sqrt(sumsq[i]));
+  }
+  return {total, per};
+}
+
+}  // namespace
+}  // namespace amp_engine::cpu
+
+TORCH_LIBRARY_IMPL(amp_engine, CPU, m) {
+  m.impl("grad_norm_and_check", &amp_engine::cpu::grad_norm_and_check_cpu);
+}
