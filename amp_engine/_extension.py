@@ -33,6 +33,7 @@ except ImportError:  # source checkout that was never built
     _cfg = None
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a fact of the build, not a graph break
 def has_kernels(dispatch_key: str) -> bool:
     """Whether the loaded library registered kernels for `dispatch_key` ("CPU" or "CUDA")."""
     if not LOADED:

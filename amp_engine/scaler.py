@@ -32,12 +32,14 @@ scale never goes below ``min_scale``. What changes:
 * **Overflow statistics**: on-device counters of steps, skipped steps and
   non-finite grad elements per parameter; :meth:`GradScaler.overflow_report`
   names the parameters that overflowed most and when. See amp_engine.stats.
-* **Distributed**: with ``process_group`` or DTensor (FSDP2) grads, found_inf is
-  MAX-reduced across ranks before any skip decision (amp_engine.distributed).
+* **Distributed**: with ``process_group`` (DDP) or DTensor (FSDP2) grads, found_inf
+  is MAX-reduced across ranks before any skip decision, in one small all-reduce
+  per step that also carries the overflow counts (so every rank's report names
+  the parameter whose shard overflowed, wherever it lives) and, for
+  :meth:`clip_grad_norm_` on FSDP2 shards, the squared norm (amp_engine.distributed).
 """
 from __future__ import annotations
 
-import math
 import numbers
 import re
 import weakref
@@ -49,10 +51,10 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from amp_engine import ops
-from amp_engine.distributed import all_reduce_found_inf_
+from amp_engine.distributed import all_reduce_step_
 from amp_engine.scaler_clip import ClipMixin
 from amp_engine.scaler_grads import OptimizerGrads, param_groups_key
-from amp_engine.scaler_state import StateMixin, check_config, real, refresh_per_optimizer_state
+from amp_engine.scaler_state import StateMixin, check_config, refresh_per_optimizer_state
 from amp_engine.stats import AmpStats
 
 __all__ = ["GradScaler", "OptState"]
@@ -67,7 +69,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
             (1 = torch's behaviour).
         min_scale: the scale floor (default 2**-24, see the module docstring).
         max_scale: the scale ceiling (default inf: torch's rule, never grow to inf).
-        process_group: MAX-reduce found_inf over this group before skipping.
+        process_group: MAX-reduce found_inf over this group before skipping (DDP:
+            its group). DTensor (FSDP2) grads need none: their mesh is used (and
+            then this group too, if given).
         floor_patience: warn when the scale has sat at ``min_scale`` for this
             many consecutive updates (0 disables the check).
         raise_at_floor: raise RuntimeError instead of warning.
@@ -110,6 +114,7 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         self._inv_cache: tuple | None = None
         self._param_names: dict[int, tuple[weakref.ref, str]] = {}
         self._last_step_found_inf: Tensor | bool | None = None
+        self._counts_base: Tensor | None = None  # overflow counts after the last all-reduce
 
     # ----------------------------------------------------------- device state
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
@@ -117,6 +122,27 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         self._hysteresis_tracker = torch.full((), self._init_hysteresis_tracker,
                                               dtype=torch.int32, device=dev)
         self._stats.lazy_init(dev)
+
+    def scale(self, outputs):
+        """``outputs`` (a tensor, or nested lists/tuples/iterables of them) times the scale.
+
+        torch's, with the tensor case redefined here: torch.compile skips every
+        function of torch.amp, so an inherited method breaks the graph.
+        """
+        if self._enabled and isinstance(outputs, Tensor):
+            if self._scale is None:
+                self._lazy_init_scale_growth_tracker(outputs.device)
+            return outputs * self._scale.to(device=outputs.device, non_blocking=True)
+        return super().scale(outputs)
+
+    def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:
+        # torch's, redefined for torch.compile (see scale)
+        fix = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
+        if self._scale is None:
+            raise AssertionError(f"Attempted {funcname} but _scale is None.  " + fix)
+        if self._growth_tracker is None:
+            raise AssertionError(f"Attempted {funcname} but _growth_tracker is None.  " + fix)
+        return self._scale, self._growth_tracker
 
     def _hyst(self) -> Tensor:
         scale = self._scale
@@ -150,7 +176,7 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
                    found: dict | None = None, count: bool = True) -> dict:
         """One check (read-only) or unscale pass per device; returns found_inf per device."""
         entry = self._grads_of(optimizer)
-        state["mesh"] = entry.mesh
+        state["mesh"], state["sharding"] = entry.mesh, entry.sharding
         state["found_inf"] = None  # new flags: the combined one is recomputed
         stats = self._stats if count else None
         found = {} if found is None else found
@@ -230,8 +256,12 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         state["grads_scaled"] = False
         state["stage"] = OptState.UNSCALED
 
-    def _found_inf(self, state) -> Tensor:
-        """The optimizer's found_inf: MAX over devices and ranks, 0-dim fp32 on the scale's device."""
+    def _found_inf(self, state, norm_sq: Tensor | None = None) -> Tensor:
+        """The optimizer's found_inf: MAX over devices and ranks, 0-dim fp32 on the scale's device.
+
+        ``norm_sq`` (clip_grad_norm_ on FSDP2 shards) is summed over the shards in place,
+        in the same collective.
+        """
         fi = state["found_inf"]
         if fi is not None:
             return fi
@@ -244,11 +274,24 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         else:  # max, never sum: fused kernels skip only on found_inf == 1
             fi = torch.stack([t.to(dev, non_blocking=True) for t in per.values()]).amax()
         if self._process_group is not None or state["mesh"] is not None:
-            all_reduce_found_inf_(fi, self._process_group, state["mesh"])
+            self._all_reduce_step(fi, state, norm_sq)
         if any(t is not fi for t in per.values()):
             state["found_inf_per_device"] = {d: fi.to(d, non_blocking=True) for d in per}
         state["found_inf"] = fi
         return fi
+
+    def _all_reduce_step(self, found_inf: Tensor, state, norm_sq: Tensor | None) -> None:
+        # the per-parameter overflow counts ride along: the ranks' reports then
+        # agree and name a parameter whichever rank holds its overflowing shard
+        counts = base = None
+        stats = self._stats
+        if stats.track_overflow and stats.device is not None and stats.counts.numel():
+            counts, base = stats.counts, self._counts_base
+            if base is None or base.device != counts.device or len(base) != len(counts):
+                old = base if base is not None and base.device == counts.device else counts[:0]
+                base = self._counts_base = torch.cat([old, counts.new_zeros(len(counts) - len(old))])
+        all_reduce_step_(found_inf, self._process_group, state["mesh"], sharding=state["sharding"],
+                         norm_sq=norm_sq, counts=counts, counts_base=base)
 
     # ------------------------------------------------------------------ step
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
@@ -320,20 +363,6 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         self._last_step_found_inf = found_inf
         return retval
 
-    @property
-    def last_step_skipped(self) -> bool | None:
-        """Whether the most recent :meth:`step` skipped its optimizer (syncs; None before any)."""
-        fi = self._last_step_found_inf
-        return fi if fi is None or isinstance(fi, bool) else bool(fi.item())
-
-    @property
-    def last_step_skipped_tensor(self) -> Tensor | None:
-        """The most recent step's found_inf (0-dim fp32 device tensor, 1.0 = skipped): no sync."""
-        fi = self._last_step_found_inf
-        if isinstance(fi, bool):
-            return torch.full((), float(fi), dtype=torch.float32, device=self._scale.device)
-        return fi
-
     # ---------------------------------------------------------------- update
     def update(self, new_scale: float | int | Tensor | None = None) -> None:
         """Update the scale on the device (torch's rule + hysteresis + bounds); no host sync.
@@ -367,23 +396,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
             self._stats.record_update(found_inf, scale, self._min_scale)
         self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
         self._inv_cache = None
-        if self._floor_patience:
+        if self._floor_patience and not (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # (a CUDA graph replays device work only: the host-side check is not captured)
             every = max(1, min(50, self._floor_patience // 4))
             run = self._stats.floor_run_lagged(every)
             if run is not None:
                 self._check_floor(run)
-
-    def _set_scale(self, new_scale) -> None:
-        if isinstance(new_scale, Tensor):
-            reason = ("new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
-                      "torch.FloatTensor with requires_grad=False.")
-            if new_scale.device.type != self._device or new_scale.numel() != 1 \
-                    or new_scale.requires_grad:
-                raise AssertionError(reason)
-            self._scale.copy_(new_scale.detach().reshape(()).clamp(self._min_scale,
-                                                                     self._max_scale))
-            return
-        value = real(new_scale, "new_scale")
-        if not (value > 0.0 and math.isfinite(value)):
-            raise ValueError(f"new_scale must be a finite number > 0, got {new_scale!r}")
-        self._scale.fill_(min(max(value, self._min_scale), self._max_scale))

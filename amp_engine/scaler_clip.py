@@ -42,8 +42,14 @@ class ClipMixin:
         place until :meth:`step` consumes them; call ``unscale_`` + torch's
         clip_grad_norm_ if you need to read unscaled grads before the step.
 
-        ``norm_type`` other than 2, sparse grads and DTensor (FSDP2) grads fall
-        back to exactly that recipe (``unscale_`` then
+        DTensor (FSDP2) grads: each rank takes the norm of its shards and the
+        squares are summed over the mesh's shard dimension in the one all-reduce
+        that also reduces found_inf (torch's recipe: an unscale pass, a norm pass,
+        a norm all-reduce, a scaling pass, then the found_inf all-reduce); the
+        norm returned is a plain tensor, the same on every rank (torch's is a
+        replicated DTensor). ``norm_type`` other than 2, sparse grads and DTensor
+        layouts other than one mesh shared by all params (Shard or Replicate
+        placements) fall back to exactly torch's recipe (``unscale_`` then
         ``torch.nn.utils.clip_grad_norm_``). Disabled scaler: torch's clip_grad_norm_.
         """
         if not self._enabled:
@@ -51,13 +57,14 @@ class ClipMixin:
                 _params_with_grad(optimizer), max_norm, norm_type, error_if_nonfinite)
         state = self._check_unscale_stage(optimizer, "clip_grad_norm_")
         entry = self._grads_of(optimizer)
-        if float(norm_type) != 2.0 or entry.mesh is not None:
+        sharded = entry.mesh is not None
+        if float(norm_type) != 2.0 or (sharded and entry.sharding is None):
             return self._clip_fallback(optimizer, state, max_norm, norm_type, error_if_nonfinite)
         inv_scale = self._inv_scale()
         found, norms = {}, []
         inv_on = {inv_scale.device: inv_scale}
         for grp in entry.groups:
-            grads, cols = grp.grads(False)
+            grads, cols = grp.grads(sharded)
             if not grads:
                 continue
             inv = inv_on.get(grp.device)
@@ -68,7 +75,7 @@ class ClipMixin:
             try:
                 norms.append(ops.grad_norm_and_check(grads, inv, fi, counts))
             except (ValueError, TypeError) as error:
-                if grp.grads_slow(False)[2]:  # sparse grads: torch's recipe handles them
+                if grp.grads_slow(sharded)[2]:  # sparse grads: torch's recipe handles them
                     return self._clip_fallback(optimizer, state, max_norm, norm_type,
                                                error_if_nonfinite)
                 raise self._grad_error(error, grp.cols if cols is None else cols) from None
@@ -80,6 +87,13 @@ class ClipMixin:
             total = norms[0].to(dev, non_blocking=True)
         else:
             total = torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
+        state["found_inf_per_device"] = found
+        state["found_inf"] = None
+        state["mesh"], state["sharding"] = entry.mesh, entry.sharding
+        if sharded:  # this rank's shards only: sum the squares (fp64: no overflow) over ranks
+            norm_sq = total.double().square()
+            self._found_inf(state, norm_sq)  # the step's one collective, found_inf with it
+            total = norm_sq.sqrt().float()
         if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
             raise RuntimeError(
                 f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
@@ -87,9 +101,6 @@ class ClipMixin:
                 "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
         # exactly torch.nn.utils.clip_grads_with_norm_'s coefficient, kept on the device
         clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        state["found_inf_per_device"] = found
-        state["found_inf"] = None
-        state["mesh"] = entry.mesh
         state["clip_coef"] = clip_coef
         state["grads_scaled"] = True
         state["stage"] = OptState.UNSCALED

@@ -49,8 +49,10 @@ class DeviceGrads:
 
     def grads(self, dtensor: bool) -> tuple[list[Tensor], list[int] | None]:
         """The present grads (dense, local shards) and, if some are None, their columns."""
-        # one pass, ~70 ns per param: this read is the whole per-param Python cost of a step
-        present = [g for p in self.params if (g := p.grad) is not None]
+        # ~70 ns per param: this read is the whole per-param Python cost of a step
+        # (no walrus in the comprehension: torch.compile cannot trace that cell)
+        every = [p.grad for p in self.params]
+        present = [g for g in every if g is not None]
         cols = None
         if len(present) != len(self.params):
             cols = [c for c, p in zip(self.cols, self.params) if p.grad is not None]
@@ -113,7 +115,7 @@ class DeviceGrads:
 class OptimizerGrads:
     """What the scaler caches per optimizer: device groups and how to step it."""
 
-    __slots__ = ("key", "groups", "mesh", "grad_scaler_kwarg")
+    __slots__ = ("key", "groups", "mesh", "sharding", "grad_scaler_kwarg")
 
     def __init__(self, optimizer, stats: AmpStats, opt_index: int) -> None:
         self.key = param_groups_key(optimizer)
@@ -136,7 +138,9 @@ class OptimizerGrads:
             DeviceGrads(dev, params, stats.columns_for(params, names))
             for dev, (params, names) in by_device.items()
         ]
-        self.mesh = distributed.dtensor_mesh(p for g in self.groups for p in g.params)
+        # DTensor (FSDP2) params: which mesh to reduce over, and whether the
+        # layout allows summing norms and counts over its shard dimension
+        self.mesh, self.sharding = distributed.dtensor_layout(p for g in self.groups for p in g.params)
         try:
             sig = inspect.signature(optimizer.step).parameters
             self.grad_scaler_kwarg = "grad_scaler" in sig

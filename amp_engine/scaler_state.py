@@ -34,11 +34,12 @@ def refresh_per_optimizer_state() -> dict[str, Any]:
 
     found_inf: the combined, rank-reduced flag once computed; clip_coef: set by
     clip_grad_norm_; grads_scaled: the grads still carry the scale (checked
-    read-only, or norm taken, but not unscaled in place); mesh: the DTensor mesh.
+    read-only, or norm taken, but not unscaled in place); mesh, sharding: the
+    DTensor mesh and layout (amp_engine.distributed.dtensor_layout).
     A module-level factory so that the scaler pickles.
     """
     return {"stage": OptState.READY, "found_inf_per_device": {}, "found_inf": None,
-            "clip_coef": None, "grads_scaled": False, "mesh": None}
+            "clip_coef": None, "grads_scaled": False, "mesh": None, "sharding": None}
 
 
 def real(value, name: str) -> float:
@@ -141,6 +142,22 @@ class StateMixin:
             logger.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
+    def _set_scale(self, new_scale) -> None:
+        """update(new_scale): torch's checks, then the value clamped to [min_scale, max_scale]."""
+        if isinstance(new_scale, torch.Tensor):
+            reason = ("new_scale should be a float or a 1-element torch.cuda.FloatTensor or "
+                      "torch.FloatTensor with requires_grad=False.")
+            if new_scale.device.type != self._device or new_scale.numel() != 1 \
+                    or new_scale.requires_grad:
+                raise AssertionError(reason)
+            self._scale.copy_(new_scale.detach().reshape(()).clamp(self._min_scale,
+                                                                     self._max_scale))
+            return
+        value = real(new_scale, "new_scale")
+        if not (value > 0.0 and math.isfinite(value)):
+            raise ValueError(f"new_scale must be a finite number > 0, got {new_scale!r}")
+        self._scale.fill_(min(max(value, self._min_scale), self._max_scale))
+
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch's five entries plus hysteresis, its tracker, the bounds and the counters.
@@ -214,7 +231,7 @@ class StateMixin:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
             state["_hysteresis_tracker"] = None
         for key in ("_grad_cache", "_inv_cache", "_param_names", "_last_step_found_inf",
-                    "_n_optimizers_seen"):
+                    "_n_optimizers_seen", "_counts_base"):
             state.pop(key, None)
         return state
 
@@ -258,6 +275,20 @@ class StateMixin:
         if not self._enabled:
             return []
         return self._stats.report(self._names(named_parameters), top_k)
+
+    @property
+    def last_step_skipped(self) -> bool | None:
+        """Whether the most recent :meth:`step` skipped its optimizer (syncs; None before any)."""
+        fi = self._last_step_found_inf
+        return fi if fi is None or isinstance(fi, bool) else bool(fi.item())
+
+    @property
+    def last_step_skipped_tensor(self) -> torch.Tensor | None:
+        """The most recent step's found_inf (0-dim fp32 device tensor, 1.0 = skipped): no sync."""
+        fi = self._last_step_found_inf
+        if isinstance(fi, bool):
+            return torch.full((), float(fi), dtype=torch.float32, device=self._scale.device)
+        return fi
 
     def stats(self) -> dict[str, Any]:
         """Counters as a JSON-able dict (syncs): steps, skipped_steps, scale, trackers,

@@ -9,7 +9,8 @@ copied to the host once: the only synchronization per step.
 
 AMP off (toggled, or fallen back) means plain fp32 torch steps: no autocast,
 no scaler, ``torch.nn.utils`` clipping. Toggles take effect at the next
-accumulation window (immediately with gradient_accumulation_steps=1).
+accumulation window (immediately with gradient_accumulation_steps=1). DDP and
+FSDP2 models (torchrun): found_inf is reduced across ranks, who skip together.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from amp_engine.compat import autocast_support, check_amp_compatibility
 from amp_engine.config import MixedPrecisionConfig
 from amp_engine.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
                                    rebind_scheduler, set_weight_precision, to_fused_optimizer)
+from amp_engine.distributed import is_data_parallel, replica_group
 from amp_engine.scaler import GradScaler
 from amp_engine.trainer_checks import StepMemory, compare_outputs, sync_metrics
 from amp_engine.trainer_state import TrainerStateMixin
@@ -87,11 +89,11 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         if config.fused_optimizer or config.memory_efficient:
             self._convert_optimizer()
         if config.memory_efficient:
-            if is_fused(self.optimizer):
+            if is_fused(self.optimizer) and not is_data_parallel(model):  # DDP/FSDP2 own the dtype
                 self._low_params = low_precision_candidates(model)
             else:
                 self.logger.warning("memory_efficient ignored: it needs amp_engine's fused optimizer "
-                                    "(fp32 masters / stochastic rounding)")
+                                    "(masters / stochastic rounding) and no DDP/FSDP2 wrapping")
 
     # ---------------------------------------------------------------- setup
     def _check_compatibility(self) -> None:
@@ -126,8 +128,8 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
 
     def _make_scaler(self, device: torch.device) -> None:
         cfg = self.config
-        kwargs: dict[str, Any] = dict(hysteresis=cfg.hysteresis, floor_patience=0,
-                                      track_overflow=cfg.enable_monitoring)
+        kwargs: dict[str, Any] = dict(hysteresis=cfg.hysteresis, floor_patience=0, track_overflow=cfg.enable_monitoring,
+                                      process_group=replica_group(self.model))  # DDP: its group
         if cfg.dtype == torch.bfloat16:
             # bf16 has fp32's range: no scaling, but keep the check and skip (scale pinned at 1)
             kwargs.update(init_scale=1.0, min_scale=1.0, max_scale=1.0)
@@ -270,8 +272,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
 
     def _optimizer_step(self, use_scaler: bool, measure: bool, device: torch.device):
         opt, max_norm = self.optimizer, self.config.max_grad_norm
-        self._micro = 0
-        found_inf = None
+        self._micro, found_inf = 0, None
         if measure:
             self._memory.backward_done(device)
         if use_scaler:
@@ -395,9 +396,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
 def create_mixed_precision_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
                                    logger: logging.Logger | None = None, scheduler: Any = None,
                                    **config_fields: Any) -> MixedPrecisionTrainer:
-    """A :class:`MixedPrecisionTrainer` with a config made of ``config_fields``.
-
-    Unknown field names raise TypeError listing the allowed ones.
-    """
+    """A :class:`MixedPrecisionTrainer` with a config made of ``config_fields``
+    (unknown field names raise TypeError listing the allowed ones)."""
     return MixedPrecisionTrainer(MixedPrecisionConfig.from_dict(config_fields), model, optimizer,
                                  logger=logger, scheduler=scheduler)

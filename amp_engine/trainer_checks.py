@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from amp_engine.distributed import is_dtensor
 from amp_engine.memory import SavedTensorMeter, cuda_pass_peak, memory_comparison, state_bytes
 from amp_engine.trial import first_tensor, isolated_pass, run_model
 
@@ -56,6 +57,8 @@ def sync_metrics(loss, outputs, targets, grad_norm, found_inf, scaler) -> dict[s
         parts += [counts[0].float(), counts[1].float()]
     for name, t in (("grad_norm", grad_norm), ("found_inf", found_inf)):
         if t is not None:
+            if is_dtensor(t):  # torch's clip_grad_norm_ of FSDP2 grads: a replicated DTensor
+                t = t.full_tensor()
             names.append(name)
             parts.append(t.detach().float().reshape(()))
     if scaler is not None:

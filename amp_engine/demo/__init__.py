@@ -19,6 +19,8 @@ import torch
 from amp_engine.demo import hardware, report
 from amp_engine.demo.corpus import load_corpus
 from amp_engine.demo.model import CharTransformer, ModelShape
+from amp_engine.demo.ranks import Ranks
+from amp_engine.demo.ranks import session as ranks_session
 from amp_engine.demo.run import DemoOptions, options_dict, run_all
 
 logger = logging.getLogger(__name__)
@@ -30,23 +32,27 @@ def run_demo(opts: DemoOptions, echo: Callable[[str], None] | None = None) -> di
     """Run the demo; returns the content of demo_summary.json.
 
     `echo` receives the human-readable lines (the CLI passes `print`); by
-    default they go to this module's logger at INFO.
+    default they go to this module's logger at INFO. Under torchrun (or in a
+    process group that is already up) every rank trains its slice of each batch
+    with DDP; rank 0 prints and writes (amp_engine.demo.ranks).
     """
-    echo = echo or logger.info
-    device = opts.resolved_device()
-    threads_before = torch.get_num_threads()
-    threads_note = None
-    if device.type == "cpu":
-        threads, threads_note = (opts.threads, f"{opts.threads} (--threads)") if opts.threads \
-            else hardware.default_threads()
-        torch.set_num_threads(threads)
-    try:
-        return _run(opts, echo, device, threads_note)
-    finally:
-        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+    with ranks_session(opts) as (ranks, opts):
+        echo = (echo or logger.info) if ranks.main else (lambda line: None)
+        device = opts.resolved_device()
+        threads_before = torch.get_num_threads()
+        threads_note = None
+        if device.type == "cpu":
+            threads, threads_note = (opts.threads, f"{opts.threads} (--threads)") if opts.threads \
+                else hardware.default_threads(ranks.world)
+            torch.set_num_threads(threads)
+        try:
+            return _run(opts, echo, device, threads_note, ranks)
+        finally:
+            torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
-def _run(opts: DemoOptions, echo: Callable[[str], None], device: torch.device, threads_note: str | None) -> dict:
+def _run(opts: DemoOptions, echo: Callable[[str], None], device: torch.device, threads_note: str | None,
+         ranks: Ranks) -> dict:
     corpus = load_corpus()
     shape = ModelShape(corpus.vocab_size, opts.context, opts.d_model, opts.n_layers, opts.n_heads)
     n_params = CharTransformer(shape).num_parameters()
@@ -62,7 +68,9 @@ def _run(opts: DemoOptions, echo: Callable[[str], None], device: torch.device, t
         echo(f"CPU bf16: {bf16['summary']}")
     echo(f"text: {corpus.n_chars:,} characters of {corpus.source}")
 
-    records = run_all(opts, corpus, echo)
+    if ranks.world > 1:
+        echo(f"{ranks.world} processes (DistributedDataParallel): each trains on 1/{ranks.world} of every batch")
+    records = run_all(opts, corpus, echo, ranks)
     summaries = report.summarize(records, opts.batch_size * opts.context)
     table = report.markdown_table(summaries)
     verdict = report.verdict(summaries, device.type, bf16, threads_note)
@@ -74,7 +82,7 @@ def _run(opts: DemoOptions, echo: Callable[[str], None], device: torch.device, t
 
     meta = {
         "options": options_dict(opts),
-        "environment": {"device": str(device), "where": where, "torch": torch.__version__,
+        "environment": {"device": str(device), "where": where, "torch": torch.__version__, "processes": ranks.world,
                         "python": platform.python_version(), "cpu_bf16": bf16, "threads": threads_note},
         "corpus": {"source": corpus.source, "chars": corpus.n_chars, "train_chars": len(corpus.train),
                    "val_chars": len(corpus.val), "vocab_size": corpus.vocab_size},
@@ -84,6 +92,8 @@ def _run(opts: DemoOptions, echo: Callable[[str], None], device: torch.device, t
         "table": table,
         "files": [],
     }
+    if not ranks.main:  # rank 0 writes the files
+        return {**meta, "runs": summaries}
     files = report.json_files(opts.output, records)
     files += [os.path.join(opts.output, f"amp_stats_{name}.json") for name in records]
     if opts.plots:

@@ -76,8 +76,8 @@ def busy_cores() -> float | None:
         return None
 
 
-def default_threads() -> tuple[int, str]:
-    """(threads, why) for the CPU runs.
+def default_threads(processes: int = 1) -> tuple[int, str]:
+    """(threads, why) for the CPU runs of one of ``processes`` processes (torchrun ranks).
 
     torch's default (one thread per core) is right on an idle machine. On a
     busy one, OpenMP threads wait at every barrier for a thread whose core is
@@ -85,6 +85,9 @@ def default_threads() -> tuple[int, str]:
     each step 3-7x slower than one thread. So: torch's default, minus the cores
     other processes already keep busy, at least 1.
     """
+    if processes > 1:  # the ranks share the cores (torchrun also sets OMP_NUM_THREADS=1)
+        n = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // processes))
+        return n, f"{n} per process ({processes} processes)"
     n = torch.get_num_threads()
     load = busy_cores()
     cores = os.cpu_count() or n

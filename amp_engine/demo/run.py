@@ -21,6 +21,7 @@ from torch import nn
 from amp_engine import memory
 from amp_engine.demo.corpus import Corpus, batch_offsets, make_batch
 from amp_engine.demo.model import CharTransformer, ModelShape
+from amp_engine.demo.ranks import Ranks
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -133,14 +134,19 @@ def _make_trainer(opts: DemoOptions, amp_dtype: str | None, model: nn.Module,
 
 def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
             train_offsets: torch.Tensor, val_offsets: torch.Tensor,
-            echo: Callable[[str], None]) -> RunRecord:
-    """Train one run; `amp_dtype` None is the fp32 baseline."""
+            echo: Callable[[str], None], ranks: Ranks = Ranks()) -> RunRecord:
+    """Train one run; `amp_dtype` None is the fp32 baseline.
+
+    With several ranks (amp_engine.demo.ranks) the model is in DDP, each rank
+    trains on its slice of every batch and the recorded loss is the mean over
+    the ranks; rank 0 writes the stats file.
+    """
     from tqdm.auto import tqdm
 
     device = opts.resolved_device()
     torch.manual_seed(opts.seed)  # identical initial weights in every run
     shape = ModelShape(corpus.vocab_size, opts.context, opts.d_model, opts.n_layers, opts.n_heads)
-    model = CharTransformer(shape).to(device)
+    model = ranks.wrap(CharTransformer(shape).to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(opts.steps))
     trainer = _make_trainer(opts, amp_dtype, model, optimizer, scheduler)
@@ -153,7 +159,7 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
                   for o in val_offsets]
         return sum(losses) / len(losses)
 
-    show = opts.progress if opts.progress is not None else sys.stderr.isatty()
+    show = ranks.main and (opts.progress if opts.progress is not None else sys.stderr.isatty())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_run = time.perf_counter()
@@ -162,10 +168,10 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
         for i in range(opts.steps):
             batch = make_batch(corpus.train, train_offsets[i], opts.context, device)
             t0 = time.perf_counter()
-            m = trainer.train_step(batch, loss_fn, device)  # returns floats: synchronized
+            m = trainer.train_step(ranks.local_rows(batch), loss_fn, device)  # floats: synchronized
             dt = time.perf_counter() - t0
             rec.step.append(i + 1)
-            rec.loss.append(float(m["loss"]))
+            rec.loss.append(ranks.mean(float(m["loss"])))
             rec.accuracy.append(m.get("accuracy"))
             rec.step_time_s.append(dt)
             if i == 0 and device.type == "cuda":
@@ -187,7 +193,8 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
     rec.activation_bytes, rec.state_bytes = _measure_memory(
         trainer, amp_dtype, make_batch(corpus.train, train_offsets[0], opts.context, device), loss_fn, device)
     rec.amp_stats = trainer.get_amp_stats()
-    trainer.save_amp_stats(os.path.join(opts.output, f"amp_stats_{name}.json"))
+    if ranks.main:
+        trainer.save_amp_stats(os.path.join(opts.output, f"amp_stats_{name}.json"))
     trainer.cleanup()
     if not show:
         echo(f"{name}: {opts.steps} steps in {rec.wall_s:.1f} s, last train loss {rec.loss[-1]:.3f}, "
@@ -215,14 +222,15 @@ def _measure_memory(trainer, amp_dtype, batch, loss_fn, device) -> tuple[int, in
     return meter.saved_bytes, state
 
 
-def run_all(opts: DemoOptions, corpus: Corpus, echo: Callable[[str], None]) -> dict[str, RunRecord]:
+def run_all(opts: DemoOptions, corpus: Corpus, echo: Callable[[str], None],
+            ranks: Ranks = Ranks()) -> dict[str, RunRecord]:
     """fp32 first, then each AMP dtype; same seed, same batches."""
     train_offsets = batch_offsets(len(corpus.train), opts.context, opts.batch_size, opts.steps, opts.seed)
     val_offsets = batch_offsets(len(corpus.val), opts.context, opts.batch_size, opts.eval_batches, opts.seed + 1)
     records = {}
     for amp_dtype in [None] + opts.amp_dtypes():
         name = amp_dtype or "fp32"
-        records[name] = run_one(name, amp_dtype, opts, corpus, train_offsets, val_offsets, echo)
+        records[name] = run_one(name, amp_dtype, opts, corpus, train_offsets, val_offsets, echo, ranks)
     return records
 
 

@@ -46,6 +46,7 @@ _OPS = ("adam_step_", "sgd_step_")
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: a fact of the build, not a graph break
 def _compiled(op: str, key: str) -> bool:
     if not _extension.LOADED or not hasattr(torch.ops.amp_engine, op):
         return False
