@@ -208,3 +208,20 @@ def all_reduce_found_inf_(found_inf: Tensor, process_group=None, device_mesh=Non
         if dist.get_world_size(group) > 1:
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
     return found_inf
+
+
+def shutdown_process_group() -> None:
+    """Tear down the default process group without racing the other ranks.
+
+    A gloo rank that destroys its group while a peer is still finishing the
+    last collective makes the peer's transport thread throw, which aborts that
+    process ("terminate called without an active exception"). A barrier first
+    means every rank is done with its collectives before any connection closes.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from amp_engine.distributed import shutdown_process_group
+
 WORLD = 2
 
 
@@ -94,7 +96,7 @@ def _worker(rank, init_file, out_dir):
         results["dtensor"] = _dtensor_run(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -36,6 +36,7 @@ from torch import nn
 
 from amp_engine.bench.common import (Row, arg_parser, environment, finish_rows, markdown_table,
                                      time_fn, write_results)
+from amp_engine.distributed import shutdown_process_group
 
 SHARDED, PLAIN, OURS = "torch ShardedGradScaler", "torch.amp.GradScaler", "amp_engine"
 IMPL_NAMES = {SHARDED: "torch ShardedGradScaler + AdamW (foreach)",
@@ -125,7 +126,7 @@ def _rank_main(rank: int, world: int, folder: str, width: int, depth: int, round
             torch.save({"times": times, "local_params": n_params, "n_tensors": n_tensors},
                        os.path.join(folder, "result.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def bench_fsdp2(world: int, width: int, depth: int, rounds: int, timeout: float = 300) -> list[Row]:

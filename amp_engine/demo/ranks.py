@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from amp_engine.distributed import shutdown_process_group
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -85,4 +87,4 @@ def session(opts) -> Iterator[tuple[Ranks, object]]:
         yield ranks, opts
     finally:
         if created:
-            dist.destroy_process_group()
+            shutdown_process_group()

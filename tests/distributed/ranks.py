@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from amp_engine.distributed import shutdown_process_group
+
 WORLD = 2
 
 requires_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -33,7 +35,7 @@ def _entry(rank: int, fn, args: tuple, folder: str, world: int) -> None:
         out = fn(rank, world, *args)
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def run_on_ranks(fn, *args, world: int = WORLD, timeout: float = 150.0) -> list:
