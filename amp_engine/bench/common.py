@@ -77,7 +77,7 @@ def environment(device: torch.device | str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(dev),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
     }
     try:
@@ -94,7 +94,8 @@ def environment(device: torch.device | str) -> dict:
     return env
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's marketing name (from /proc/cpuinfo; platform's guess elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -102,7 +103,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

@@ -9,9 +9,10 @@ a machine is in, so a slow AMP run is explained rather than hidden.
 from __future__ import annotations
 
 import os
-import platform
 
 import torch
+
+from amp_engine.bench.common import cpu_model  # noqa: F401 - re-exported for the demo and info
 
 BF16_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
@@ -26,17 +27,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def bf16_support() -> dict:
