@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <functional>
+#include <optional>
 #include <vector>
 
 namespace amp_engine {
@@ -52,6 +53,18 @@ inline void check_counts(const at::Tensor& counts, size_t n, c10::Device dev) {
   TORCH_CHECK_VALUE(counts.is_contiguous(), "counts must be contiguous");
   TORCH_CHECK_VALUE(counts.device() == dev, "counts is on ", counts.device(),
                     " but the tensors are on ", dev);
+}
+
+// The checks shared by unscale_and_check_ / grad_norm_and_check on every
+// backend; returns the device (found_inf's for an empty list).
+inline c10::Device check_grad_check_args(at::TensorList grads, const at::Tensor& inv_scale,
+                                         const at::Tensor& found_inf,
+                                         const std::optional<at::Tensor>& counts) {
+  const c10::Device dev = grads.empty() ? found_inf.device() : check_tensor_list(grads, "grads");
+  check_scalar_tensor(inv_scale, "inv_scale", c10::kFloat, dev);
+  check_scalar_tensor(found_inf, "found_inf", c10::kFloat, dev);
+  if (counts.has_value() && counts->defined()) check_counts(*counts, grads.size(), dev);
+  return dev;
 }
 
 // Kernels walk each tensor's memory as one flat array, which is right for any

@@ -85,6 +85,8 @@ void reject_sparse(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   TORCH_LIBRARY_IMPL(amp_engine, KEY, m) {                                                  \
     m.impl("unscale_and_check_", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>()); \
     m.impl("grad_norm_and_check", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>()); \
+    m.impl("adam_step_", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>());          \
+    m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>());           \
   }
 AMP_ENGINE_REJECT_SPARSE(SparseCPU)
 AMP_ENGINE_REJECT_SPARSE(SparseCUDA)

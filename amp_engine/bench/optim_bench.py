@@ -64,8 +64,9 @@ def _torch_scaler(device):
     return scaler
 
 
-def recipe_a(params, device):
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
+def _torch_recipe(params, device, **impl):
+    """torch's GradScaler + unscale_ + clip_grad_norm_(foreach) + AdamW(**impl)."""
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, **impl)
     scaler = _torch_scaler(device)
 
     def step():
@@ -74,18 +75,14 @@ def recipe_a(params, device):
         scaler.step(opt)
         scaler.update()
     return step
+
+
+def recipe_a(params, device):
+    return _torch_recipe(params, device, fused=True)
 
 
 def recipe_c(params, device):
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, foreach=True)
-    scaler = _torch_scaler(device)
-
-    def step():
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
-        scaler.step(opt)
-        scaler.update()
-    return step
+    return _torch_recipe(params, device, foreach=True)
 
 
 def recipe_b(params, device):

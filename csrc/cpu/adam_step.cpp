@@ -1,7 +1,6 @@
 // amp_engine::adam_step_ on the CPU: fused Adam / AdamW over a whole list.
 // Contract and arithmetic: amp_engine/ops/optim_reference.py (bitwise equal: every
 // operation below is a single correctly rounded fp op, in the reference's order).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -226,23 +225,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   if (sr && rng_state.has_value()) rng_state->data_ptr<int64_t>()[1] += 1;
 }
 
-// A sparse grad would otherwise end in the dispatcher's "no kernel for SparseCPU".
-void reject_sparse(const c10::OperatorHandle& op, torch::jit::Stack*) {
-  TORCH_CHECK_VALUE(false, op.schema().name(), ": grads contains a sparse tensor (layout "
-                    "torch.sparse_*); only dense (strided) grads are allowed");
-}
-
 }  // namespace
 }  // namespace amp_engine::optim
 
 TORCH_LIBRARY_IMPL(amp_engine, CPU, m) {
   m.impl("adam_step_", &amp_engine::optim::adam_step_cpu);
-}
-
-TORCH_LIBRARY_IMPL(amp_engine, SparseCPU, m) {
-  m.impl("adam_step_", torch::CppFunction::makeFromBoxedFunction<&amp_engine::optim::reject_sparse>());
-}
-
-TORCH_LIBRARY_IMPL(amp_engine, SparseCUDA, m) {
-  m.impl("adam_step_", torch::CppFunction::makeFromBoxedFunction<&amp_engine::optim::reject_sparse>());
 }

@@ -251,11 +251,8 @@ bool norm_group(const GradSpans& g, Inv inv, int64_t* counts, std::vector<double
 std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cpu(
     at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
     const std::optional<at::Tensor>& counts, bool per_tensor) {
-  const c10::Device dev = check_tensor_list(grads, "grads");
-  check_scalar_tensor(inv_scale, "inv_scale", c10::kFloat, dev);
-  check_scalar_tensor(found_inf, "found_inf", c10::kFloat, dev);
+  const c10::Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
   const bool has_counts = counts.has_value() && counts->defined();
-  if (has_counts) check_counts(*counts, grads.size(), dev);
 
   const float inv = *inv_scale.const_data_ptr<float>();
   int64_t* counts_data = has_counts ? counts->mutable_data_ptr<int64_t>() : nullptr;

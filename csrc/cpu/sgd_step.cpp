@@ -1,7 +1,6 @@
 // amp_engine::sgd_step_ on the CPU: fused SGD (momentum, dampening, nesterov)
 // over a whole list. Contract and arithmetic: amp_engine/ops/optim_reference.py
 // (bitwise equal: single correctly rounded fp ops, in the reference's order).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -175,23 +174,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList ma
   if (sr && rng_state.has_value()) rng_state->data_ptr<int64_t>()[1] += 1;
 }
 
-// A sparse grad would otherwise end in the dispatcher's "no kernel for SparseCPU".
-void reject_sparse(const c10::OperatorHandle& op, torch::jit::Stack*) {
-  TORCH_CHECK_VALUE(false, op.schema().name(), ": grads contains a sparse tensor (layout "
-                    "torch.sparse_*); only dense (strided) grads are allowed");
-}
-
 }  // namespace
 }  // namespace amp_engine::optim
 
 TORCH_LIBRARY_IMPL(amp_engine, CPU, m) {
   m.impl("sgd_step_", &amp_engine::optim::sgd_step_cpu);
-}
-
-TORCH_LIBRARY_IMPL(amp_engine, SparseCPU, m) {
-  m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&amp_engine::optim::reject_sparse>());
-}
-
-TORCH_LIBRARY_IMPL(amp_engine, SparseCUDA, m) {
-  m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&amp_engine::optim::reject_sparse>());
 }

@@ -107,14 +107,11 @@ __device__ __forceinline__ void report_non_finite(int bad, int32_t tensor_index,
   }
 }
 
-// The checks shared by both ops; returns the device (found_inf's for an empty list).
-inline c10::Device check_grad_check_args(at::TensorList grads, const at::Tensor& inv_scale,
-                                         const at::Tensor& found_inf,
-                                         const std::optional<at::Tensor>& counts) {
-  const c10::Device dev = grads.empty() ? found_inf.device() : check_tensor_list(grads, "grads");
-  check_scalar_tensor(inv_scale, "inv_scale", c10::kFloat, dev);
-  check_scalar_tensor(found_inf, "found_inf", c10::kFloat, dev);
-  if (counts.has_value() && counts->defined()) check_counts(*counts, grads.size(), dev);
+// The shared checks (checks.h) plus: this kernel runs CUDA tensors only.
+inline c10::Device check_cuda_grad_check_args(at::TensorList grads, const at::Tensor& inv_scale,
+                                              const at::Tensor& found_inf,
+                                              const std::optional<at::Tensor>& counts) {
+  const c10::Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
   TORCH_CHECK_VALUE(dev.is_cuda(), "the CUDA kernel got tensors on ", dev);
   return dev;
 }

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kReduceThreads)
 std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cuda(
     at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
     const std::optional<at::Tensor>& counts, bool per_tensor) {
-  const c10::Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
+  const c10::Device dev = check_cuda_grad_check_args(grads, inv_scale, found_inf, counts);
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t n = static_cast<int64_t>(grads.size());
   const auto f32 = found_inf.options().dtype(c10::kFloat);

@@ -28,7 +28,7 @@ struct UnscaleFunctor {
 
 void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& inv_scale,
                             const at::Tensor& found_inf, const std::optional<at::Tensor>& counts) {
-  const c10::Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
+  const c10::Device dev = check_cuda_grad_check_args(grads, inv_scale, found_inf, counts);
   if (grads.empty()) return;
   const c10::cuda::CUDAGuard guard(dev);
   DenseList dense = make_dense(grads);
