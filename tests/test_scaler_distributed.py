@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amp_engine.distributed import shutdown_process_group
+from amp_engine.distributed import exit_spawned_rank, shutdown_process_group
 
 WORLD = 2
 
@@ -95,8 +95,10 @@ def _worker(rank, init_file, out_dir):
         results["no-group"] = _ddp_run(rank, "sgd", None, clip=False)
         results["dtensor"] = _dtensor_run(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         shutdown_process_group()
+        raise
+    exit_spawned_rank()  # results are written: skip gloo's teardown
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -36,7 +36,7 @@ from torch import nn
 
 from amp_engine.bench.common import (Row, arg_parser, environment, finish_rows, markdown_table,
                                      time_fn, write_results)
-from amp_engine.distributed import shutdown_process_group
+from amp_engine.distributed import exit_spawned_rank, shutdown_process_group
 
 SHARDED, PLAIN, OURS = "torch ShardedGradScaler", "torch.amp.GradScaler", "amp_engine"
 IMPL_NAMES = {SHARDED: "torch ShardedGradScaler + AdamW (foreach)",
@@ -125,8 +125,10 @@ def _rank_main(rank: int, world: int, folder: str, width: int, depth: int, round
         if rank == 0:
             torch.save({"times": times, "local_params": n_params, "n_tensors": n_tensors},
                        os.path.join(folder, "result.pt"))
-    finally:
+    except BaseException:
         shutdown_process_group()
+        raise
+    exit_spawned_rank()  # results are written: skip gloo's teardown
 
 
 def bench_fsdp2(world: int, width: int, depth: int, rounds: int, timeout: float = 300) -> list[Row]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amp_engine.distributed import shutdown_process_group
+from amp_engine.distributed import exit_spawned_rank, shutdown_process_group
 
 WORLD = 2
 
@@ -34,8 +34,10 @@ def _entry(rank: int, fn, args: tuple, folder: str, world: int) -> None:
     try:
         out = fn(rank, world, *args)
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
+    except BaseException:
         shutdown_process_group()
+        raise
+    exit_spawned_rank()  # results are written: skip gloo's teardown
 
 
 def run_on_ranks(fn, *args, world: int = WORLD, timeout: float = 150.0) -> list:
