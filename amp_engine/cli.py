@@ -271,7 +271,7 @@ def collect_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-    has_triton_kernels = importlib.util.find_spec("amp_engine.ops.triton_kernels") is not None
+    has_triton_kernels = importlib.util.find_spec("amp_engine.ops.triton.scaling") is not None
     built = {
         "cpp": _extension.has_kernels("CPU"),
         "cuda": _extension.has_kernels("CUDA"),

@@ -111,7 +111,7 @@ cat >"$SCRATCH/smoke.py" <<'EOF'
 import sys
 import torch
 import amp_engine  # noqa: F401  (loads the op library)
-from amp_engine.ops import reference
+from amp_engine.ops.reference import scaling as reference
 
 A = torch.ops.amp_engine
 dev, ok = "cuda", True

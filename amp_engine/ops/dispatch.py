@@ -28,7 +28,7 @@ def _triton_reason(device_type: str) -> str | None:
     """None if Triton can run on `device_type`, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if importlib.util.find_spec("amp_engine.ops.triton_kernels") is None:
+    if importlib.util.find_spec("amp_engine.ops.triton.scaling") is None:
         return "this build has no Triton kernels"
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":

@@ -3,11 +3,11 @@
 ``adam_step_`` (Adam / AdamW) and ``sgd_step_`` update a whole list of params on
 one device in one call (one launch per dtype group inside). The arithmetic
 contract, the skip rule and the stochastic-rounding bits are written down in
-:mod:`amp_engine.ops.optim_reference`, the truth every backend is tested against
+:mod:`amp_engine.ops.reference.optim`, the truth every backend is tested against
 (tests/optim/test_step_ops.py compares bitwise).
 
 Backends: "cpp" (csrc/cpu/{adam,sgd}_step.cpp), "cuda" (csrc/cuda, to come),
-"triton" (module ``amp_engine.ops.triton_optim`` with functions ``adam_step_`` /
+"triton" (module ``amp_engine.ops.triton.optim`` with functions ``adam_step_`` /
 ``sgd_step_`` taking the schema's arguments positionally, like the reference;
 this entry validates before calling it) and "reference". A backend is offered
 only where its kernels for these ops exist (``optim_backends``).
@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from amp_engine import _extension
-from amp_engine.ops import dispatch, optim_reference
+from amp_engine.ops import dispatch
+from amp_engine.ops.reference import optim as optim_reference
 from amp_engine.ops.validation import check_scalar_tensor
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -65,7 +66,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     if backend == "reference":
         return None
     if backend == "triton":
-        if importlib.util.find_spec("amp_engine.ops.triton_optim") is None:
+        if importlib.util.find_spec("amp_engine.ops.triton.optim") is None:
             return "this build has no Triton optimizer kernels"
         return dispatch.unavailable_reason("triton", device_type)
     key = "CPU" if backend == "cpp" else "CUDA"
@@ -99,7 +100,7 @@ def _select(backend: str | None, device: torch.device) -> str:
 def _python_backend(name: str):
     if name == "reference":
         return optim_reference
-    return importlib.import_module("amp_engine.ops.triton_optim")
+    return importlib.import_module("amp_engine.ops.triton.optim")
 
 
 # ---------------------------------------------------------------- validation

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from amp_engine.ops import dispatch, reference, validation
+from amp_engine.ops import dispatch, validation
+from amp_engine.ops.reference import scaling as reference
 
 #: Default scale floor. Far below anything a healthy run reaches (torch's scale
 #: gets there only after 40 consecutive back-offs from 2**16), yet its
@@ -44,7 +45,7 @@ def _compiled(op, grads, inv_scale, found_inf, counts, *rest):
 def _python_backend(name: str):
     if name == "reference":
         return reference
-    from amp_engine.ops import triton_kernels  # imports triton: only when asked for
+    from amp_engine.ops.triton import scaling as triton_kernels  # imports triton: only when asked for
 
     return triton_kernels
 

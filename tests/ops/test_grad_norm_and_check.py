@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from amp_engine import ops
-from amp_engine.ops import reference
+from amp_engine.ops.reference import scaling as reference
 from conftest import backend_params
 
 from .cases import BAD_VALUES, DTYPES, SIZES, assert_bitwise, clone_all, flags, mixed_list, scaled_grad

@@ -1,4 +1,4 @@
-"""Triton-specific tests of amp_engine.ops.triton_kernels (CPU, TRITON_INTERPRET=1).
+"""Triton-specific tests of amp_engine.ops.triton.scaling (CPU, TRITON_INTERPRET=1).
 
 The general backend-parametrized op tests live beside this file; here: the
 multi-tensor pointer tables (many tensors, chunk boundaries, one launch per
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from amp_engine.ops import reference
+from amp_engine.ops.reference import scaling as reference
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
-from amp_engine.ops import triton_kernels as tk  # noqa: E402
+from amp_engine.ops.triton import scaling as tk  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

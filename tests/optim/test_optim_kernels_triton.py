@@ -1,4 +1,4 @@
-"""The Triton optimizer kernels (amp_engine.ops.triton_optim) against the reference.
+"""The Triton optimizer kernels (amp_engine.ops.triton.optim) against the reference.
 
 On CPU they run under TRITON_INTERPRET=1 (tests/conftest.py), on CUDA when a GPU
 is there. Same operations in the same order, each correctly rounded, no fused
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from amp_engine.ops import adam_step_ as adam_entry
-from amp_engine.ops import optim_reference as ref
+from amp_engine.ops.reference import optim as ref
 from amp_engine.ops import optim_steps
-from amp_engine.ops import triton_optim
+from amp_engine.ops.triton import optim as triton_optim
 from .kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
                                       run)
 

@@ -1,7 +1,7 @@
 """Triton backend of the fused optimizer steps ``adam_step_`` and ``sgd_step_``.
 
 Plain launcher functions with the reference's signatures (the arithmetic contract:
-:mod:`amp_engine.ops.optim_reference`; the kernels: ``triton_optim_kernels``). One
+:mod:`amp_engine.ops.reference.optim`; the kernels: ``triton_optim_kernels``). One
 launch per (param dtype, grad dtype) group over the whole list: the tensors'
 addresses go to the kernel in an int64 pointer table (cached, so a steady training
 loop copies none), one program per chunk of one tensor. A last one-program launch
@@ -19,8 +19,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from amp_engine.ops.optim_reference import walks_memory
-from amp_engine.ops.triton_optim_kernels import adam_kernel, count_step_kernel, sgd_kernel
+from amp_engine.ops.reference.optim import walks_memory
+from amp_engine.ops.triton.optim_kernels import adam_kernel, count_step_kernel, sgd_kernel
 
 # Elements per program (CHUNK) and per loop step (BLOCK). The interpreter runs
 # programs one by one in numpy, so there wider blocks only cut Python overhead.

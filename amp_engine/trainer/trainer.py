@@ -22,16 +22,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from amp_engine.compat import autocast_support, check_amp_compatibility
-from amp_engine.config import MixedPrecisionConfig
-from amp_engine.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
+from amp_engine.trainer.compat import autocast_support, check_amp_compatibility
+from amp_engine.trainer.config import MixedPrecisionConfig
+from amp_engine.trainer.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
                                    rebind_scheduler, set_weight_precision, to_fused_optimizer)
 from amp_engine.distributed import is_data_parallel, replica_group
 from amp_engine.scaler import GradScaler
-from amp_engine.trainer_checks import StepMemory, compare_outputs, sync_metrics
-from amp_engine.trainer_state import TrainerStateMixin
-from amp_engine.trainer_stats import TrainerStats, TrainerStatsMixin
-from amp_engine.trial import (cast_floats, is_plateau, model_device, move_to, run_model,
+from amp_engine.trainer.checks import StepMemory, compare_outputs, sync_metrics
+from amp_engine.trainer.checkpoint import TrainerStateMixin
+from amp_engine.trainer.stats import TrainerStats, TrainerStatsMixin
+from amp_engine.trainer.trial import (cast_floats, is_plateau, model_device, move_to, run_model,
                                split_batch)
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -50,7 +50,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         scheduler: an LR scheduler stepped after every *applied* optimizer step
             (not after skipped ones; ReduceLROnPlateau is left to the caller).
 
-    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (amp_engine.trainer_state)
+    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (amp_engine.trainer.checkpoint)
     save the trainer, its scaler, optimizer and scheduler; resume is bitwise exact.
     """
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from amp_engine import distributed
-from amp_engine.stats import AmpStats
+from amp_engine.scaler.stats import AmpStats
 
 def param_groups_key(optimizer) -> tuple:
     """Cheap fingerprint of the param groups: changes when groups or their lists do."""

@@ -31,7 +31,7 @@ scale never goes below ``min_scale``. What changes:
   back off on the ``hysteresis``-th consecutive overflow; a clean step refills).
 * **Overflow statistics**: on-device counters of steps, skipped steps and
   non-finite grad elements per parameter; :meth:`GradScaler.overflow_report`
-  names the parameters that overflowed most and when. See amp_engine.stats.
+  names the parameters that overflowed most and when. See amp_engine.scaler.stats.
 * **Distributed**: with ``process_group`` (DDP) or DTensor (FSDP2) grads, found_inf
   is MAX-reduced across ranks before any skip decision, in one small all-reduce
   per step that also carries the overflow counts (so every rank's report names
@@ -52,10 +52,10 @@ from torch.amp.grad_scaler import OptState
 
 from amp_engine import ops
 from amp_engine.distributed import all_reduce_step_
-from amp_engine.scaler_clip import ClipMixin
-from amp_engine.scaler_grads import OptimizerGrads, param_groups_key
-from amp_engine.scaler_state import StateMixin, check_config, refresh_per_optimizer_state
-from amp_engine.stats import AmpStats
+from amp_engine.scaler.clip import ClipMixin
+from amp_engine.scaler.grads import OptimizerGrads, param_groups_key
+from amp_engine.scaler.state import StateMixin, check_config, refresh_per_optimizer_state
+from amp_engine.scaler.stats import AmpStats
 
 __all__ = ["GradScaler", "OptState"]
 

@@ -1,7 +1,7 @@
 """What the trainer measures around its steps: AMP validation (``validate_amp``),
 memory (``track_memory_usage``) and accuracy counts.
 
-See amp_engine.memory for how memory is measured. Here: *when*. The CPU figure
+See amp_engine.trainer.memory for how memory is measured. Here: *when*. The CPU figure
 comes from the real step (saved-tensor hooks around its forward); on CUDA the
 peak allocated memory of the real step's forward+backward is compared with an
 fp32 forward+backward of the first AMP batch, run once, side-effect free,
@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from amp_engine.distributed import is_dtensor
-from amp_engine.memory import SavedTensorMeter, cuda_pass_peak, memory_comparison, state_bytes
-from amp_engine.trial import first_tensor, isolated_pass, run_model
+from amp_engine.trainer.memory import SavedTensorMeter, cuda_pass_peak, memory_comparison, state_bytes
+from amp_engine.trainer.trial import first_tensor, isolated_pass, run_model
 
 if TYPE_CHECKING:
-    from amp_engine.trainer import MixedPrecisionTrainer
+    from amp_engine.trainer.trainer import MixedPrecisionTrainer
 
 
 def accuracy_counts(output: Tensor | None, targets: Any) -> tuple[Tensor, Tensor] | None:

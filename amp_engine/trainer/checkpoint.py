@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from amp_engine.conversion import set_weight_precision
+from amp_engine.trainer.conversion import set_weight_precision
 from amp_engine.optim import _state as optim_state
 from amp_engine.scaler import GradScaler
-from amp_engine.trainer_stats import TrainerStats
+from amp_engine.trainer.stats import TrainerStats
 
 FORMAT = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
