@@ -250,7 +250,7 @@ def collect_info() -> dict:
 
     import amp_engine
     from amp_engine import _extension
-    from amp_engine.demo import hardware
+    from amp_engine import hardware
     from amp_engine.ops.dispatch import available_backends, unavailable_reason
 
     try:

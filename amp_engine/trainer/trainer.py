@@ -81,7 +81,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         self._checked_dtype = False
         self._floor_run = 0
         self._n_optimizer_steps = 0  # for the log / cache-clear intervals (also without monitoring)
-        self._memory = StepMemory(self)
+        self._memory = StepMemory(self.model, self.logger)
         self._overflow_baseline: dict[str, int] = {}
         self._low_params: list[nn.Parameter] = []
         if config.check_compatibility and self._amp_wanted:
@@ -164,7 +164,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
                 self._fall_back(why)
         amp = self.amp_enabled
         if amp and self.config.validate_amp and self.validation is None:
-            self.validation = compare_outputs(self, inputs, device)
+            self.validation = compare_outputs(self.model, self.config, self.logger, inputs, device)
         if amp and self.config.track_memory_usage:
             self._memory.prepare_reference(inputs, targets, loss_fn, device)
         if amp and self.scaler is None and self.config.enable_grad_scaler:
@@ -217,7 +217,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         if self._micro == 0:
             self._start_window(device, inputs, targets, loss_fn)
         amp = self._window_amp
-        measure = amp and self._micro == n - 1 and self._memory.due()
+        measure = amp and self._micro == n - 1 and self._memory.due(self.config)
         try:
             with self._memory.forward(measure, device):
                 outputs, loss = self._forward(inputs, targets, loss_fn, device, amp)
@@ -288,7 +288,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             opt.step()
         if measure:
-            self._memory.record(device)
+            self._memory.record(device, opt, self.stats if self.config.enable_monitoring else None)
         opt.zero_grad(set_to_none=True)
         return grad_norm, found_inf
 
