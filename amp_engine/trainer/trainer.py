@@ -393,10 +393,8 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
             self._clear_cache(self._device)
 
 
-def create_mixed_precision_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                                   logger: logging.Logger | None = None, scheduler: Any = None,
-                                   **config_fields: Any) -> MixedPrecisionTrainer:
-    """A :class:`MixedPrecisionTrainer` with a config made of ``config_fields``
-    (unknown field names raise TypeError listing the allowed ones)."""
+def create_mixed_precision_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, *, logger:
+                                   logging.Logger | None = None, scheduler: Any = None, **config_fields: Any):
+    """A trainer configured by ``config_fields`` (unknown names raise TypeError naming them)."""
     return MixedPrecisionTrainer(MixedPrecisionConfig.from_dict(config_fields), model, optimizer,
                                  logger=logger, scheduler=scheduler)

@@ -20,7 +20,7 @@ def _opt(name, params):
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=0.01, fused=True)
-    from scaler_cases import ContractSGD
+    from .cases import ContractSGD
 
     return ContractSGD(params, lr=0.1)
 
