@@ -12,14 +12,8 @@ import torch
 from torch import Tensor
 
 from amp_engine.ops import dispatch, validation
+from amp_engine.ops.reference.scaling import DEFAULT_MAX_SCALE, DEFAULT_MIN_SCALE
 
-#: Default scale floor. Far below anything a healthy run reaches (torch's scale
-#: gets there only after 40 consecutive back-offs from 2**16), yet its
-#: reciprocal 2**24 is comfortably finite in fp32, so the scale can never reach
-#: 0 and turn the next unscale into 0 * inf = NaN (torch's collapse).
-DEFAULT_MIN_SCALE = 2.0**-24
-#: Default ceiling: none beyond torch's own rule (never grow to inf).
-DEFAULT_MAX_SCALE = float("inf")
 
 
 def _device_of(grads: Sequence[Tensor], fallback: Tensor) -> torch.device:

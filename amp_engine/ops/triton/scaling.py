@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from amp_engine.ops.reference.scaling import DEFAULT_MIN_SCALE
+
 #: Elements per program (one chunk). Large enough that a GPU program streams
 #: several vector loads per thread; small enough that the last, partial chunk of
 #: a tensor wastes little. Tests lower it to cross chunk boundaries cheaply.
@@ -313,7 +315,7 @@ def update_scale_(
     backoff_factor: float,
     growth_interval: int,
     hysteresis: int = 1,
-    min_scale: float = 0.0,
+    min_scale: float = DEFAULT_MIN_SCALE,
     max_scale: float = float("inf"),
 ) -> None:
     """One-program scale update on the scale's device; see reference.update_scale_.
