@@ -7,10 +7,12 @@ them after; all are 0-dim device tensors, read on the device (no host sync):
 
 * ``grad_scale``: fp32, the grads are still multiplied by it (None: unscaled);
 * ``found_inf``: fp32, the step is skipped entirely where it is != 0;
-* ``clip_coef``: fp32 clip coefficient to multiply the unscaled grads by.
+* ``clip_coef``: fp32 clip coefficient to multiply the unscaled grads by;
+* ``step_scale`` (amp_engine's GradScaler): ``clip_coef / grad_scale`` already
+  computed on the device (by the clip kernel, or update_scale_'s inv_scale).
 
-The kernels get ``inv_scale = clip_coef * float32(1 / float64(grad_scale))``,
-computed once per device per step. torch's own GradScaler sets ``grad_scale``
+The kernels get ``inv_scale = step_scale`` when given, else
+``clip_coef * float32(1 / float64(grad_scale))``, computed once per device per step. torch's own GradScaler sets ``grad_scale``
 and ``found_inf`` exactly so, hence works with these optimizers as is.
 """
 from __future__ import annotations
@@ -71,21 +73,27 @@ class _AmpInputs:
         self.grad_scale = getattr(optimizer, "grad_scale", None)
         self.found_inf = getattr(optimizer, "found_inf", None)
         self.clip_coef = getattr(optimizer, "clip_coef", None)
+        self.step_scale = getattr(optimizer, "step_scale", None)
         self._per_device: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
 
     def for_device(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """(inv_scale, found_inf) on `device`: fp32 one-element tensors or None."""
         if device not in self._per_device:
-            for name in ("grad_scale", "found_inf", "clip_coef"):
+            for name in ("grad_scale", "found_inf", "clip_coef", "step_scale"):
                 value = getattr(self, name)
                 if isinstance(value, Tensor) and value.numel() != 1:
                     raise ValueError(f"optimizer.{name} has shape {tuple(value.shape)}; expected a "
                                      "one-element (0-dim) tensor or a float")
             inv = None
-            if self.grad_scale is not None:
+            ready = self.step_scale
+            have_ready = (isinstance(ready, Tensor) and ready.device == device
+                          and ready.dtype == torch.float32)
+            if have_ready:  # no op: a 0-dim tensor is used as it is
+                inv = ready if ready.dim() == 0 else ready.reshape(())
+            elif self.grad_scale is not None:
                 gs = torch.as_tensor(self.grad_scale).to(device, non_blocking=True)
                 inv = gs.reshape(()).double().reciprocal().float()  # as torch's unscale_
-            if self.clip_coef is not None:
+            if self.clip_coef is not None and not have_ready:
                 cc = torch.as_tensor(self.clip_coef).to(device, torch.float32, non_blocking=True)
                 inv = cc.reshape(()) if inv is None else inv * cc.reshape(())
             fi = None
