@@ -41,7 +41,6 @@ scale never goes below ``min_scale``. What changes:
 from __future__ import annotations
 
 import numbers
-import re
 import weakref
 from collections import defaultdict
 from typing import Any
@@ -203,19 +202,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
                 try:
                     op(grads, inv, fi, counts)
                 except (ValueError, TypeError) as error:
-                    raise self._grad_error(error, cols) from None
+                    raise self._stats.name_grad_error(error, cols, self._names()) from None
             grp.flush(self._stats, counts, index)
         return found
-
-    def _grad_error(self, error: Exception, cols: list[int]) -> Exception:
-        """The op's error about ``grads[i]`` (its index in one call), naming the param."""
-        match = re.search(r"grads\[(\d+)\]", str(error))
-        if match is None or int(match.group(1)) >= len(cols):
-            return error
-        ref, where = self._stats._columns[cols[int(match.group(1))]]
-        name = self._names().get(id(ref()))
-        where = f"{where} ({name!r})" if name else where
-        return type(error)(f"the grad of param {where}: {error}")
 
     def _check_inf_per_device(self, optimizer) -> dict:
         """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here).
@@ -299,7 +288,8 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
 
         amp_engine's fused optimizers and torch's fused ones always have their
         ``step()`` called, with ``grad_scale``, ``found_inf`` (and for ours
-        ``clip_coef``) set as device tensors; they skip on the device: no host
+        ``clip_coef``) as device tensors (ours get them as ``step(amp_inputs=...)``,
+        torch's as attributes set for the call); they skip on the device: no host
         sync. Other optimizers: grads are unscaled (and clipped, after
         :meth:`clip_grad_norm_`) in one pass, then one ``.item()`` decides, as
         torch. Returns what ``optimizer.step`` returned (None if skipped on the
@@ -348,17 +338,16 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
                 scale = scale / clip_coef  # torch's kernels divide by grad_scale: fold the clip in
             user = getattr(optimizer, "grad_scale", None)  # torch multiplies a preset one in
             grad_scale = scale if user is None else scale * user
-        optimizer.grad_scale = grad_scale
-        optimizer.found_inf = found_inf
-        if ours:
-            optimizer.clip_coef = clip_coef
-        try:
-            retval = optimizer.step(*args, **kwargs)
-        finally:
-            del optimizer.grad_scale
-            del optimizer.found_inf
-            if ours:
-                del optimizer.clip_coef
+        if ours:  # handed over as an argument: a setattr would break torch.compile on torch 2.11
+            retval = optimizer.step(*args, amp_inputs=(grad_scale, found_inf, clip_coef), **kwargs)
+        else:  # torch's fused-optimizer contract: attributes, deleted after the step
+            optimizer.grad_scale = grad_scale
+            optimizer.found_inf = found_inf
+            try:
+                retval = optimizer.step(*args, **kwargs)
+            finally:
+                del optimizer.grad_scale
+                del optimizer.found_inf
         state["stage"] = OptState.STEPPED
         self._last_step_found_inf = found_inf
         return retval

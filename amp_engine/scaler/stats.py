@@ -23,14 +23,24 @@ GradScaler.stats).
 """
 from __future__ import annotations
 
+import importlib.util
+import re
 import weakref
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["AmpStats"]
+
+
+def _host_view(t: Tensor):
+    """What to read a 0-dim host tensor through: a numpy view when numpy is there
+    (int() of it calls no tensor method, so no dispatcher cost per read), else the
+    tensor itself (numpy is optional: ``import amp_engine`` needs torch alone)."""
+    if importlib.util.find_spec("numpy") is None:
+        return t
+    return t.numpy()
 
 
 class AmpStats:
@@ -69,14 +79,14 @@ class AmpStats:
         self.events = torch.full((1,), self._pending["events"], dtype=torch.int64, device=self.device)
         last_above = self.updates - 1 - self._pending["floor_run"]
         if self.device.type == "cpu":
-            # host memory: keep a numpy view, made first so later reads call no tensor method
-            self._floor_host_np = np.full((), last_above, dtype=np.int64)
-            self.last_above_floor = self._floor_host = torch.from_numpy(self._floor_host_np)
+            # host memory: the kernels write it, floor_run_lagged reads it through _host_view
+            self.last_above_floor = self._floor_host = torch.full((), last_above, dtype=torch.int64)
+            self._floor_host_np = _host_view(self._floor_host)
         else:
             self.last_above_floor = torch.full((), last_above, dtype=torch.int64,
                                                device=self.device)
             self._floor_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
-            self._floor_host_np = self._floor_host.numpy()
+            self._floor_host_np = _host_view(self._floor_host)
         self._floor_event = None  # (event, updates when the copy was issued) on CUDA
 
     def columns_for(self, params: Sequence[Tensor], names: Sequence[str]) -> list[int]:
@@ -94,6 +104,17 @@ class AmpStats:
             self.counts = torch.cat([self.counts, self.counts.new_zeros(new)])
             self.ring = torch.cat([self.ring, self.ring.new_zeros(self._rows, new)], dim=1)
         return cols
+
+    def name_grad_error(self, error: Exception, cols: list[int], names: dict[int, str]) -> Exception:
+        """An op's error about ``grads[i]`` (its index in one call, ``cols`` its columns),
+        reworded to name the param (``names``: {id(param): name})."""
+        match = re.search(r"grads\[(\d+)\]", str(error))
+        if match is None or int(match.group(1)) >= len(cols):
+            return error
+        ref, where = self._columns[cols[int(match.group(1))]]
+        name = names.get(id(ref()))
+        where = f"{where} ({name!r})" if name else where
+        return type(error)(f"the grad of param {where}: {error}")
 
     def record_update(self, found_inf: Tensor, scale: Tensor, min_scale: float) -> None:
         """Account one update: found_inf (0-dim fp32, exactly 0.0/1.0) and the scale after it.
