@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 
+from amp_engine import _optional
 from amp_engine.demo.run import DEFAULT_STEPS
 
 BENCHES = ("ops", "scaler", "optim")  # amp_engine.bench.<name>_bench, each with run() and main()
@@ -205,8 +206,7 @@ def bench_chart(rows, path: str, title: str) -> str:
     """A PNG of amp_engine's speedup over torch per (bench, case): horizontal bars,
     one per amp_engine row (torch's own rows are the 1× line), log axis, labels
     that stay readable with dozens of rows."""
-    import matplotlib
-
+    matplotlib = _optional.require("matplotlib", "the benchmark chart (--no-plot skips it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

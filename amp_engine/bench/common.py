@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.utils.benchmark as tbench
 
+from amp_engine import _optional
 from amp_engine.hardware import cpu_model
 
 
@@ -126,8 +127,7 @@ def write_results(out_dir: str | None, name: str, rows: Sequence[Row], env: dict
 
 def bar_chart(rows: Sequence[Row], path: str, title: str) -> str:
     """A PNG bar chart of speedups (one bar per non-baseline row)."""
-    import matplotlib
-
+    matplotlib = _optional.require("matplotlib", "the benchmark chart (--no-plot skips it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

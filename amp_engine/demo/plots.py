@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 
+from amp_engine import _optional
 from amp_engine.demo.run import RunRecord
 
 COLORS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
@@ -150,8 +151,7 @@ def _quantile(xs: list[float], q: float) -> float:
 def save_plots(out_dir: str, records: dict[str, RunRecord], summaries: dict[str, dict],
                subtitle: str) -> list[str]:
     """Write PLOT_FILES into `out_dir`; returns their paths."""
-    import matplotlib
-
+    matplotlib = _optional.require("matplotlib", "the demo's plots (--no-plots skips them)")
     matplotlib.use("Agg")  # files only; never opens a window
     import matplotlib.pyplot as plt
 

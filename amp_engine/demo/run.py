@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from amp_engine import _optional
 from amp_engine.trainer import memory
 from amp_engine.demo.corpus import Corpus, batch_offsets, make_batch
 from amp_engine.demo.model import CharTransformer, ModelShape
@@ -141,8 +142,6 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
     trains on its slice of every batch and the recorded loss is the mean over
     the ranks; rank 0 writes the stats file.
     """
-    from tqdm.auto import tqdm
-
     device = opts.resolved_device()
     torch.manual_seed(opts.seed)  # identical initial weights in every run
     shape = ModelShape(corpus.vocab_size, opts.context, opts.d_model, opts.n_layers, opts.n_heads)
@@ -160,6 +159,9 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
         return sum(losses) / len(losses)
 
     show = ranks.main and (opts.progress if opts.progress is not None else sys.stderr.isatty())
+    # tqdm (the demo extra) only for a bar that is shown; a TTY without it shows none
+    show = show and (opts.progress is not None or _optional.available("tqdm"))
+    tqdm = _optional.require("tqdm.auto", "the demo's progress bars").tqdm if show else _optional.NoBar
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_run = time.perf_counter()

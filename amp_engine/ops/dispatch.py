@@ -47,6 +47,8 @@ def _triton_reason(device_type: str, op: str = DEFAULT_OP) -> str | None:
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+        if importlib.util.find_spec("numpy") is None:
+            return "the Triton interpreter (TRITON_INTERPRET=1) computes in numpy, which is not installed"
         return None
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"

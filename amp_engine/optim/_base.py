@@ -7,13 +7,20 @@ them after; all are 0-dim device tensors, read on the device (no host sync):
 
 * ``grad_scale``: fp32, the grads are still multiplied by it (None: unscaled);
 * ``found_inf``: fp32, the step is skipped entirely where it is != 0;
-* ``clip_coef``: fp32 clip coefficient to multiply the unscaled grads by;
-* ``step_scale`` (amp_engine's GradScaler): ``clip_coef / grad_scale`` already
-  computed on the device (by the clip kernel, or update_scale_'s inv_scale).
+* ``clip_coef``: fp32 clip coefficient to multiply the unscaled grads by.
 
-The kernels get ``inv_scale = step_scale`` when given, else
-``clip_coef * float32(1 / float64(grad_scale))``, computed once per device per step. torch's own GradScaler sets ``grad_scale``
+The kernels get ``inv_scale = clip_coef * float32(1 / float64(grad_scale))``,
+computed once per device per step. torch's own GradScaler sets ``grad_scale``
 and ``found_inf`` exactly so, hence works with these optimizers as is.
+
+amp_engine's GradScaler passes the same three values as ``step(amp_inputs=(grad_scale,
+found_inf, clip_coef))`` instead: no attribute is set on the optimizer, so the step
+traces under torch.compile on every supported torch (Dynamo 2.11 refuses a setattr
+on a user-defined object inside a compiled region; 2.14 accepts it). To an
+optimizer that declares ``_amp_engine_step_scale = True`` (ours) it passes a fourth,
+``step_scale``: ``clip_coef / grad_scale`` already on the device (the clip kernel's
+output, or the inv_scale update_scale_ wrote), which the kernels then take as
+their ``inv_scale`` as it is: no reciprocal or product per step.
 """
 from __future__ import annotations
 
@@ -69,11 +76,15 @@ def to_float(x: Any, name: str) -> float:
 class _AmpInputs:
     """The scaler's device tensors for one step, moved and combined once per device."""
 
-    def __init__(self, optimizer: Optimizer) -> None:
-        self.grad_scale = getattr(optimizer, "grad_scale", None)
-        self.found_inf = getattr(optimizer, "found_inf", None)
-        self.clip_coef = getattr(optimizer, "clip_coef", None)
-        self.step_scale = getattr(optimizer, "step_scale", None)
+    def __init__(self, optimizer: Optimizer, given: tuple | None) -> None:
+        if given is None:  # torch's protocol: attributes set by the scaler
+            given = tuple(getattr(optimizer, name, None) for name in ("grad_scale", "found_inf", "clip_coef"))
+        elif not isinstance(given, tuple) or len(given) not in (3, 4):
+            raise TypeError("amp_inputs must be a tuple (grad_scale, found_inf, clip_coef[, "
+                            "step_scale]), got "
+                            f"{type(given).__name__}{'' if not isinstance(given, tuple) else f' of {len(given)}'}")
+        self.grad_scale, self.found_inf, self.clip_coef = given[:3]
+        self.step_scale = given[3] if len(given) == 4 else None
         self._per_device: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
 
     def for_device(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
@@ -113,6 +124,7 @@ class FusedOptimizer(Optimizer):
 
     _step_supports_amp_scaling = True
     _amp_engine_fused = True
+    _amp_engine_step_scale = True  # takes amp_inputs[3], the ready multiplier
     _ELEMENT_STATE: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, master_weights: bool | None,
@@ -203,11 +215,13 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, amp_inputs: tuple | None = None):
         """One fused step over every param group (no host sync).
 
-        Reads the scaler's ``grad_scale`` / ``found_inf`` / ``clip_coef`` attributes
-        when present (see the module docstring). Returns the closure's loss.
+        ``amp_inputs``: ``(grad_scale, found_inf, clip_coef)`` from amp_engine's
+        GradScaler (each a 0-dim tensor or None); without it the scaler's
+        ``grad_scale`` / ``found_inf`` / ``clip_coef`` attributes are read when
+        present (torch's protocol; see the module docstring). Returns the closure's loss.
         """
         # refuses a CUDA graph capture unless capturable=True (torch < 2.13: _cuda_ name)
         getattr(self, "_accelerator_graph_capture_health_check",
@@ -216,7 +230,7 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        amp = _AmpInputs(self)
+        amp = _AmpInputs(self, amp_inputs)
         # every group is collected (and checked) before any is updated: a bad
         # group raises with the params of the others still untouched
         plan = [(group, self._collect(group, gi)) for gi, group in enumerate(self.param_groups)]

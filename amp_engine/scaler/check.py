@@ -8,8 +8,6 @@ for them.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor
 
@@ -93,19 +91,9 @@ class CheckMixin:
                 try:
                     op(grads, inv, fi, counts)
                 except (ValueError, TypeError) as error:
-                    raise self._grad_error(error, cols) from None
+                    raise self._stats.name_grad_error(error, cols, self._names()) from None
             grp.flush(self._stats, counts, index)
         return found
-
-    def _grad_error(self, error: Exception, cols: list[int]) -> Exception:
-        """The op's error about ``grads[i]`` (its index in one call), naming the param."""
-        match = re.search(r"grads\[(\d+)\]", str(error))
-        if match is None or int(match.group(1)) >= len(cols):
-            return error
-        ref, where = self._stats._columns[cols[int(match.group(1))]]
-        name = self._names().get(id(ref()))
-        where = f"{where} ({name!r})" if name else where
-        return type(error)(f"the grad of param {where}: {error}")
 
     def _check_inf_per_device(self, optimizer) -> dict:
         """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here).

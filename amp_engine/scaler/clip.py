@@ -91,7 +91,8 @@ class ClipMixin:
                 if grp.grads_slow(sharded)[2]:  # sparse grads: torch's recipe handles them
                     return self._clip_fallback(optimizer, state, max_norm, norm_type,
                                                error_if_nonfinite)
-                raise self._grad_error(error, grp.cols if cols is None else cols) from None
+                raise self._stats.name_grad_error(error, grp.cols if cols is None else cols,
+                                                  self._names()) from None
             grp.flush(self._stats, counts, index)
         if not norms:
             total = torch.zeros((), dtype=torch.float32, device=dev)

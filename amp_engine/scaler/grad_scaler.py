@@ -200,7 +200,8 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
 
         amp_engine's fused optimizers and torch's fused ones always have their
         ``step()`` called, with ``grad_scale``, ``found_inf`` (and for ours
-        ``clip_coef``) set as device tensors; they skip on the device: no host
+        ``clip_coef``) as device tensors (ours get them as ``step(amp_inputs=...)``,
+        torch's as attributes set for the call); they skip on the device: no host
         sync. Other optimizers: grads are unscaled (and clipped, after
         :meth:`clip_grad_norm_`) in one pass, then one ``.item()`` decides, as
         torch. Returns what ``optimizer.step`` returned (None if skipped on the
@@ -251,19 +252,19 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
                 scale = scale / clip_coef  # torch's kernels divide by grad_scale: fold the clip in
             user = getattr(optimizer, "grad_scale", None)  # torch multiplies a preset one in
             grad_scale = scale if user is None else scale * user
-        optimizer.grad_scale = grad_scale
-        optimizer.found_inf = found_inf
-        if ours:
-            optimizer.clip_coef = clip_coef
-            optimizer.step_scale = self._step_scale(state, grad_scale)
-        try:
-            retval = optimizer.step(*args, **kwargs)
-        finally:
-            del optimizer.grad_scale
-            del optimizer.found_inf
-            if ours:
-                del optimizer.clip_coef
-                del optimizer.step_scale
+        if ours:  # handed over as an argument: a setattr would break torch.compile on torch 2.11
+            amp_inputs = (grad_scale, found_inf, clip_coef)
+            if getattr(optimizer, "_amp_engine_step_scale", False):
+                amp_inputs += (self._step_scale(state, grad_scale),)
+            retval = optimizer.step(*args, amp_inputs=amp_inputs, **kwargs)
+        else:  # torch's fused-optimizer contract: attributes, deleted after the step
+            optimizer.grad_scale = grad_scale
+            optimizer.found_inf = found_inf
+            try:
+                retval = optimizer.step(*args, **kwargs)
+            finally:
+                del optimizer.grad_scale
+                del optimizer.found_inf
         state["stage"] = OptState.STEPPED
         self._last_step_found_inf = found_inf
         return retval

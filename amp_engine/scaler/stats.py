@@ -25,16 +25,26 @@ called (GradScaler.overflow_report, GradScaler.stats).
 """
 from __future__ import annotations
 
+import importlib.util
+import re
 import weakref
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from amp_engine.ops.reference.scaling import after_update_
 
 __all__ = ["AmpStats"]
+
+
+def _host_view(t: Tensor):
+    """What to read a small host tensor through: a numpy view when numpy is there
+    (int() of it calls no tensor method, so no dispatcher cost per read), else the
+    tensor itself (numpy is optional: ``import amp_engine`` needs torch alone)."""
+    if importlib.util.find_spec("numpy") is None:
+        return t
+    return t.numpy()
 
 
 class AmpStats:
@@ -72,15 +82,15 @@ class AmpStats:
         last_above = self.updates - 1 - self._pending["floor_run"]
         values = [self.updates, self._pending["events"], last_above]
         if self.device.type == "cpu":
-            # host memory: the numpy array made first, so later reads call no tensor method
+            # host memory: the kernels write it, floor_run_lagged reads it through _host_view
             self._floor_host = None
-            self._counters_np = np.array(values, dtype=np.int64)
-            self.counters = torch.from_numpy(self._counters_np)
+            self.counters = torch.tensor(values, dtype=torch.int64)
+            self._counters_np = _host_view(self.counters)
         else:
             self.counters = torch.tensor(values, dtype=torch.int64, device=self.device)
             self._last_above = self.counters[2]  # a view made once: the async copy's source
             self._floor_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
-            self._counters_np = self._floor_host.numpy().reshape(1)
+            self._counters_np = _host_view(self._floor_host.reshape(1))
         self._floor_event = None  # (event, updates when the copy was issued) on CUDA
 
     def _host_last_above(self) -> int:
@@ -101,6 +111,17 @@ class AmpStats:
             self.counts = torch.cat([self.counts, self.counts.new_zeros(new)])
             self.ring = torch.cat([self.ring, self.ring.new_zeros(self._rows, new)], dim=1)
         return cols
+
+    def name_grad_error(self, error: Exception, cols: list[int], names: dict[int, str]) -> Exception:
+        """An op's error about ``grads[i]`` (its index in one call, ``cols`` its columns),
+        reworded to name the param (``names``: {id(param): name})."""
+        match = re.search(r"grads\[(\d+)\]", str(error))
+        if match is None or int(match.group(1)) >= len(cols):
+            return error
+        ref, where = self._columns[cols[int(match.group(1))]]
+        name = names.get(id(ref()))
+        where = f"{where} ({name!r})" if name else where
+        return type(error)(f"the grad of param {where}: {error}")
 
     def update_args(self) -> dict:
         """The bookkeeping arguments of ``ops.update_scale_`` for one update.

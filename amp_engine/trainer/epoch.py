@@ -15,11 +15,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
+from amp_engine import _optional
 from amp_engine.trainer.config import MixedPrecisionConfig
 from amp_engine.trainer.trainer import LossFn, MixedPrecisionTrainer
 from amp_engine.trainer.trial import is_plateau, model_device, split_batch
+
+
+def _progress(loader: Iterable, show: bool, asked: bool, desc: str):
+    """A tqdm bar over `loader`, or a silent stand-in. tqdm is optional: a bar asked
+    for explicitly without it raises ImportError naming the extra; the automatic
+    choice (a TTY) just shows none."""
+    if not show or (not asked and not _optional.available("tqdm")):
+        return _optional.NoBar(loader)
+    tqdm = _optional.require("tqdm.auto", "the progress bar of train_epoch").tqdm
+    return tqdm(loader, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
 def _batch_size(batch: Any) -> int:
@@ -122,8 +131,8 @@ class MixedPrecisionOptimizer:
         samples = batches = opt_steps = skipped = amp_steps = 0
         scale = None
         start = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {self.epoch}", unit="batch", disable=not self._show_bar(progress_bar),
-                   file=sys.stderr, dynamic_ncols=True, leave=True)
+        bar = _progress(loader, self._show_bar(progress_bar), progress_bar is not None
+                        or self.config.progress_bar is not None, f"epoch {self.epoch}")
         try:
             for batch in bar:
                 n = _batch_size(batch)

@@ -1,7 +1,8 @@
 """update_scale_: bitwise torch._amp_update_scale_ at defaults; hysteresis and bounds rules."""
+import math
 import random
+import struct
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,20 +18,28 @@ def state(device, scale, hysteresis=1):
             torch.full((), hysteresis, dtype=torch.int32, device=device))
 
 
+def f32(x: float) -> float:
+    """x rounded to the nearest fp32 (inf beyond its range): the host model's arithmetic."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def model_step(s, gt, ht, inf, *, growth, backoff, interval, hysteresis, lo, hi):
-    """An independent host model of the documented rule, in numpy float32."""
+    """An independent host model of the documented rule, in float32 (struct rounding)."""
     if inf:
         ht = ht - 1
         if ht <= 0:
-            s = max(np.float32(float(s) * backoff), np.float32(lo))
+            s = max(f32(float(s) * backoff), f32(lo))
             ht = 0
-        return np.float32(s), 0, ht
+        return f32(s), 0, ht
     ht = hysteresis
     if gt + 1 >= interval:
-        new = np.float32(float(s) * growth)
-        if np.isfinite(new):
-            s = min(new, np.float32(hi)) if np.isfinite(np.float32(hi)) else new
-        return np.float32(s), 0, ht
+        new = f32(float(s) * growth)
+        if math.isfinite(new):
+            s = min(new, f32(hi)) if math.isfinite(f32(hi)) else new
+        return f32(s), 0, ht
     return s, gt + 1, ht
 
 
@@ -63,7 +72,7 @@ def test_odd_factors_round_like_torch(backend, device):
 def test_hysteresis_rule(backend, device, hysteresis):
     rng = random.Random(hysteresis)
     s, gt, ht = state(device, 1024.0, hysteresis)
-    m = (np.float32(1024.0), 0, hysteresis)
+    m = (f32(1024.0), 0, hysteresis)
     for _ in range(300):
         inf = rng.random() < 0.5
         ops.update_scale_(s, gt, ht, torch.tensor(float(inf), device=device), growth_factor=2.0,
@@ -96,12 +105,12 @@ def test_floor_stops_collapse(backend, device):
                           growth_interval=3, backend=backend)
         torch._amp_update_scale_(t_s, t_gt, nan, 2.0, 0.5, 3)
     assert t_s.item() == 0.0  # the torch fault we do not copy
-    assert s.item() == np.float32(ops.DEFAULT_MIN_SCALE) > 0
+    assert s.item() == f32(ops.DEFAULT_MIN_SCALE) > 0
     clean = torch.tensor(0.0, device=device)
     for _ in range(3):
         ops.update_scale_(s, gt, ht, clean, growth_factor=2.0, backoff_factor=0.5,
                           growth_interval=3, backend=backend)
-    assert s.item() == 2 * np.float32(ops.DEFAULT_MIN_SCALE)
+    assert s.item() == 2 * f32(ops.DEFAULT_MIN_SCALE)
 
 
 def test_ceiling_and_never_inf(backend, device):
@@ -114,7 +123,7 @@ def test_ceiling_and_never_inf(backend, device):
     s.fill_(3.0e38)
     ops.update_scale_(s, gt, ht, clean, growth_factor=2.0, backoff_factor=0.5, growth_interval=1,
                       backend=backend)
-    assert s.item() == np.float32(3.0e38)
+    assert s.item() == f32(3.0e38)
 
 
 @pytest.mark.parametrize("flag", [2.0, 0.5, float("nan")])

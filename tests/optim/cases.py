@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amp_engine.ops import optim_backends
-from conftest import HAS_CUDA
+from amp_engine.ops import optim_backends, optim_steps
+from conftest import CUDA_ORDER, device_param
 
-ALL = [(b, "cpu") for b in optim_backends("cpu")]
-ALL += [(b, "cuda") for b in optim_backends("cuda")] if HAS_CUDA else []
+# the CPU backends usable here and every CUDA one (skipped where it cannot run)
+ALL = [(b, "cpu") for b in optim_backends("cpu")] + [(b, "cuda") for b in CUDA_ORDER]
 # every backend but the reference (which the others are compared against)
 KERNELS = [(b, d) for b, d in ALL if b != "reference"]
 SIZES = [0, 1, 5, 123, 4097, 65539]
@@ -17,7 +17,7 @@ LOW = (torch.float16, torch.bfloat16)
 
 def backend_params(pairs=None):
     pairs = ALL if pairs is None else pairs
-    return [pytest.param(b, d, id=f"{b}-{d}") for b, d in pairs]
+    return [device_param(b, d, optim_steps.unavailable_reason) for b, d in pairs]
 
 
 def sizes_for(backend: str) -> list[int]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
-import numpy as np
 import torch
 
 from amp_engine.ops.reference import optim as optim_reference
@@ -28,7 +28,7 @@ def make_param(shape, dtype, device, gen, *, layout: str = "contiguous") -> torc
     permuted; 2-D shapes), 'strided' (every other element: not dense) or 'offset'
     (dense, 2 bytes past a 16-byte boundary at most: misaligned for vector access)."""
     shape = tuple(shape)
-    numel = int(np.prod(shape)) if shape else 1
+    numel = math.prod(shape) if shape else 1
     if layout == "transposed" and len(shape) == 2:
         base = torch.randn(shape[::-1], generator=gen, dtype=torch.float64)
         return base.to(dtype).to(device).t()
@@ -89,6 +89,8 @@ def _sgd_args(st, hp):
 
 
 def _ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
+    import numpy as np  # CPU only, i.e. under the Triton interpreter, which needs numpy too
+
     return torch.from_numpy(np.asarray(np.sqrt(x.numpy()))).reshape(x.shape)
 
 

@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis: pip install 'amp_engine[test]'")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from amp_engine import ops
 from amp_engine.ops import available_backends, optim_backends
-from conftest import HAS_CUDA
+from amp_engine.ops import optim_steps
+from conftest import CUDA_ORDER, device_param
 
 from .fuzz_cases import DTYPES, LOW, SCALES, TensorSpec, assert_same, spec_lists, tensor_specs
 
 # the Triton interpreter computes in numpy, which warns on the planted inf/nan
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-SCALING = [pytest.param(b, d, id=f"{b}-{d}") for d in DEVICES for b in available_backends(d)
-           if b != "reference"]
-OPTIM = [pytest.param(b, d, id=f"{b}-{d}") for d in DEVICES for b in optim_backends(d)
-         if b != "reference"]
+# the CPU backends usable here, every CUDA one (skipped with the reason where it cannot run)
+SCALING = [device_param(b, "cpu") for b in available_backends("cpu") if b != "reference"]
+SCALING += [device_param(b, "cuda") for b in CUDA_ORDER if b != "reference"]
+OPTIM = [device_param(b, "cpu") for b in optim_backends("cpu") if b != "reference"]
+OPTIM += [device_param(b, "cuda", optim_steps.unavailable_reason) for b in CUDA_ORDER
+          if b != "reference"]
 NORM_RTOL = 2e-6  # the reference sums in fp64; kernels in another order
 
 

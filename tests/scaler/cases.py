@@ -23,8 +23,9 @@ def single_thread():
 class ContractSGD(torch.optim.Optimizer):
     """Plain SGD that implements amp_engine's hand-off contract with plain torch ops.
 
-    The scaler sets ``grad_scale`` (0-dim fp32 or None), ``found_inf`` (0-dim
-    fp32) and ``clip_coef`` (0-dim fp32 or None) before step(); the step
+    The scaler passes ``amp_inputs=(grad_scale, found_inf, clip_coef)`` to step()
+    (0-dim fp32 or None; found_inf never None; torch's protocol, attributes of these
+    names, is read without it); the step
     multiplies grads by clip_coef / grad_scale in fp32 and skips on the device
     when found_inf != 0 (no host sync). Without clipping the arithmetic is
     torch's unscale (g * fp32(1 / fp64(scale))) followed by torch's SGD update,
@@ -39,10 +40,10 @@ class ContractSGD(torch.optim.Optimizer):
         self.seen = []
 
     @torch.no_grad()
-    def step(self, closure=None):
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        clip_coef = getattr(self, "clip_coef", None)
+    def step(self, closure=None, *, amp_inputs=None):
+        if amp_inputs is None:
+            amp_inputs = tuple(getattr(self, n, None) for n in ("grad_scale", "found_inf", "clip_coef"))
+        grad_scale, found_inf, clip_coef = amp_inputs
         self.seen.append((grad_scale, found_inf, clip_coef))
         for group in self.param_groups:
             for p in group["params"]:

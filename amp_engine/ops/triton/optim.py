@@ -11,16 +11,17 @@ them, and only when the step was applied, decided on the device.
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import triton.language as tl
 from torch import Tensor
 
 from amp_engine.ops.reference.optim import walks_memory
 from amp_engine.ops.triton.optim_kernels import adam_kernel, count_step_kernel, sgd_kernel
+from amp_engine.ops.triton.tables import LaunchTables
 
 # Elements per program (CHUNK) and per loop step (BLOCK). The interpreter runs
 # programs one by one in numpy, so there wider blocks only cut Python overhead.
@@ -31,7 +32,9 @@ _BLOCK_DEFAULT = 4096
 # ------------------------------------------------------------------ host side
 _STORAGE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.uint16,
             torch.float64: tl.float64}
-_TABLES: dict[tuple, Tensor] = {}  # pointer tables by content: a steady training loop copies none
+#: pointer tables by content: a steady training loop copies none; a table a CUDA
+#: graph captured is pinned, never evicted (see ops.triton.tables)
+TABLES: LaunchTables[Tensor] = LaunchTables("optimizer steps", capacity=16)
 
 
 def _bits(x: float) -> int:
@@ -40,22 +43,26 @@ def _bits(x: float) -> int:
 
 def _acc_bits(x: float, acc: torch.dtype) -> int:
     """Bits of x rounded to the accumulation dtype, as ``torch.tensor(x, dtype=acc)``."""
-    return _bits(np.float32(x) if acc == torch.float32 else x)
+    return _bits(_f32(x) if acc == torch.float32 else x)
+
+
+def _f32(x: float) -> float:
+    """x rounded to the nearest fp32 (overflow to inf), as ``numpy.float32(x)``; struct
+    rather than numpy: the GPU machine may have no numpy, and this runs every step."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:  # beyond fp32's range (pack refuses; the rounding gives inf)
+        return math.copysign(math.inf, x)
 
 
 def _device_table(flat: list[int], device: torch.device) -> Tensor:
-    key = (device, tuple(flat))
-    table = _TABLES.get(key)
-    if table is None:
+    def build() -> Tensor:
         host = torch.tensor(flat, dtype=torch.int64)
         if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU
-            table = host.pin_memory().to(device, non_blocking=True)
-        else:
-            table = host.to(device)
-        if len(_TABLES) >= 16:
-            _TABLES.pop(next(iter(_TABLES)))
-        _TABLES[key] = table
-    return table
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+    return TABLES.get((device, tuple(flat)), device, build)
 
 
 def _walkable(tensors: list[Tensor | None], mutated: Sequence[int]):
@@ -167,7 +174,7 @@ def adam_step_(
                 _acc_bits(eps, acc), _acc_bits(weight_decay, acc))
 
     def flags(p_dtype, acc):
-        w1 = float(np.float32(1.0 - beta1)) if acc == torch.float32 else 1.0 - beta1
+        w1 = _f32(1.0 - beta1) if acc == torch.float32 else 1.0 - beta1
         return dict(IS_F64=acc == torch.float64, HAS_MASTER=len(masters) > 0,
                     HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad),
                     MAXIMIZE=bool(maximize), LERP_SMALL=w1 < 0.5,

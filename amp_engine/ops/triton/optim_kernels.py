@@ -22,13 +22,13 @@ columns, then ``n_chunks`` chunk numbers. One program per chunk of CHUNK_SIZE.
 import math
 import os
 
-import numpy as np
 import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-if _INTERPRET:
+if _INTERPRET:  # the interpreter runs on numpy: it is there whenever this branch is
+    import numpy as np
     from triton.runtime.interpreter import TensorHandle
 
     def _pow_f64(base, exponent):

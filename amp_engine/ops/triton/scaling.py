@@ -9,7 +9,8 @@ the caller's list) and a chunk table (chunk -> tensor, offset). Each program
 handles one chunk of ``BLOCK`` elements of one tensor, so a list of any length
 costs one launch per dtype group, never one per tensor. Tables are cached by the
 tensors' (pointer, size, dtype), so a training loop that passes the same grads
-every step builds them and copies them to the device once, not every step.
+every step builds them and copies them to the device once, not every step (a
+table a CUDA graph captured is pinned, never evicted: see ``ops.triton.tables``).
 
 Numerics (the reference's contract, bit for bit): fp32/fp16/bf16 grads are
 unscaled as ``float32(g) * inv_scale`` in fp32 and rounded to the grad's dtype at
@@ -24,17 +25,17 @@ deterministic, no atomics on floats.
 from __future__ import annotations
 
 import contextlib
-import functools
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from amp_engine.ops.reference.scaling import DEFAULT_MIN_SCALE, clip_outputs_
+from amp_engine.ops.triton.tables import LaunchTables
 
 #: Elements per program (one chunk). Large enough that a GPU program streams
 #: several vector loads per thread; small enough that the last, partial chunk of
@@ -196,13 +197,16 @@ class _Plan(NamedTuple):
     groups: tuple[tuple[int, int, int], ...]  # (kind, first chunk, number of chunks)
 
 
+#: launch tables by layout; see ops.triton.tables for what CUDA graph capture does to them
+TABLES: LaunchTables[_Plan] = LaunchTables("loss-scaling ops", capacity=32)
+
+
 def _plan(tensors: Sequence[Tensor], device: torch.device) -> _Plan:
     """The launch tables of `tensors` (dense, one device); cached by their layout."""
-    key = tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors)
-    return _build_plan(key, device, BLOCK)
+    key = (device, BLOCK, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
+    return TABLES.get(key, device, lambda: _build_plan(key[2], device, BLOCK))
 
 
-@functools.lru_cache(maxsize=32)
 def _build_plan(key: tuple, device: torch.device, block: int) -> _Plan:
     """Builds ``meta`` (int64) = [ptr | numel | slot] (n each, in dtype-group order),
     [chunk pos | chunk start] (n_chunks each; pos indexes the first part),
@@ -224,13 +228,11 @@ def _build_plan(key: tuple, device: torch.device, block: int) -> _Plan:
         first[i], counts_by_slot[i] = c, chunks[j]
         c += chunks[j]
         groups[-1][2] += chunks[j]
-    # numpy, single-threaded: tiny torch CPU ops can wait on a busy thread pool
-    nch = np.array(chunks, dtype=np.int64)
-    pos = np.repeat(np.arange(n, dtype=np.int64), nch)
-    start = (np.arange(c, dtype=np.int64) - np.repeat(np.cumsum(nch) - nch, nch)) * block
-    head = np.array(ptrs + numels + order, dtype=np.int64)
-    tail = np.array(first + counts_by_slot, dtype=np.int64)
-    meta = torch.from_numpy(np.concatenate([head, pos, start, tail]))
+    # plain Python lists, one torch.tensor: tiny torch CPU ops can wait on a busy
+    # thread pool, and numpy is optional (the GPU machine may have none)
+    pos = list(itertools.chain.from_iterable(itertools.repeat(j, m) for j, m in enumerate(chunks)))
+    start = [k * block for m in chunks for k in range(m)]
+    meta = torch.tensor(ptrs + numels + order + pos + start + first + counts_by_slot, dtype=torch.int64)
     if device.type != "cpu":
         # pinned + non_blocking: no wait on the host; torch keeps the pinned block
         # alive until the copy has run
@@ -263,7 +265,9 @@ def _launching_on(device: torch.device):
     to detect; silence that."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    if device.type == "cpu":
+    if device.type == "cpu":  # only under the interpreter, which runs on numpy
+        import numpy as np
+
         return np.errstate(over="ignore", invalid="ignore")
     return contextlib.nullcontext()
 
