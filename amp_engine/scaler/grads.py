@@ -125,10 +125,12 @@ class StepBuffers:
     __slots__ = ("flags", "clean", "clip_coef", "step_scale")
 
     def __init__(self, device: torch.device) -> None:
-        buf = torch.zeros(4, dtype=torch.float32, device=device)
-        self.flags = (buf[0], buf[1])  # views made once: no op per step
+        # separate tensors, not views of one: ops that take two of them (a flag
+        # read, the next one zeroed) then hold no aliased arguments (torch.compile)
+        zero = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(4)]
+        self.flags = (zero[0], zero[1])
         self.clean = [True, True]
-        self.clip_coef, self.step_scale = buf[2], buf[3]
+        self.clip_coef, self.step_scale = zero[2], zero[3]
 
     def take(self, parity: int) -> Tensor:
         """The flag this step's checks set (zeroed here only if a skipped update left it set)."""
