@@ -9,7 +9,7 @@ A moment of n elements is cut, in row-major order, into blocks of ``BLOCK = 256`
 (the last block may be shorter); each block keeps one fp32 ``absmax`` and one
 byte per element. A byte is a small float *relative to the block's absmax*:
 
-* exp_avg (signed): bit 7 the sign, then ``E=4`` exponent and ``M=3`` mantissa bits;
+* exp_avg (signed): bit 7 the sign, then ``E=3`` exponent and ``M=4`` mantissa bits;
 * exp_avg_sq (unsigned): ``E=5`` exponent and ``M=3`` mantissa bits;
 
 with bias ``2**E - 1`` and subnormals (exponent field 0), so the largest magnitude
@@ -51,7 +51,7 @@ from torch import Tensor
 BLOCK = 256
 MIN_QUANTIZED_NUMEL = 4096
 #: (exponent bits, mantissa bits) of the magnitude: signed exp_avg, unsigned exp_avg_sq
-SIGNED_EM = (4, 3)
+SIGNED_EM = (3, 4)
 UNSIGNED_EM = (5, 3)
 #: absmax below this (zero or subnormal) flushes the block to zero
 MIN_ABSMAX = 2.0 ** -126
@@ -164,5 +164,10 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool,
 
 
 def round_bf16_nearest(x: Tensor) -> Tensor:
-    """fp32 -> bf16, nearest even (torch's cast does exactly this)."""
-    return x.to(torch.bfloat16)
+    """fp32 -> bf16, nearest even, NaN -> 0x7FC0 (torch's cast rounds the same way but
+    its NaN bit patterns vary by code path; the kernels write this one)."""
+    bits = x.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    up = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    up = torch.where(torch.isnan(x), torch.full_like(up, 0x7FC0), up)
+    up = torch.where(up >= 0x8000, up - 0x10000, up)
+    return up.to(torch.int16).view(torch.bfloat16)

@@ -41,8 +41,10 @@ def store_moment(new: Tensor, t: Tensor, absmax: Tensor | None, signed: bool, ke
         codes = moments8.encode(new, new_absmax, signed)
         t.copy_(torch.where(keep, t, codes.reshape(t.shape)))
         absmax.copy_(torch.where(keep, absmax, new_absmax))
+    elif t.dtype == torch.bfloat16:
+        t.copy_(torch.where(keep, t, moments8.round_bf16_nearest(new).reshape(t.shape)))
     else:
-        t.copy_(torch.where(keep, t, new.to(t.dtype).reshape(t.shape)))
+        t.copy_(torch.where(keep, t, new.reshape(t.shape)))
 
 
 def adam_step_compact_(
