@@ -46,7 +46,7 @@ def compact_backend(backend: str | None, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_ok else "reference"
 
 
-def _check_moments(name: str, ts, absmax, params) -> None:
+def _check_moments(name: str, ts, absmax_name: str, absmax, params) -> None:
     for i, (t, p) in enumerate(zip(ts, params)):
         if t.dtype not in MOMENT_DTYPES:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; allowed: float32, bfloat16, "
@@ -65,8 +65,8 @@ def _check_moments(name: str, ts, absmax, params) -> None:
                     or a.device != p.device or not a.is_contiguous()):
                 got = (f"{a.dtype} {tuple(a.shape)} on {a.device}" if isinstance(a, Tensor)
                        else type(a).__name__)
-                raise ValueError(f"{name}[{i}] is uint8 (8-bit blocks) and needs its absmax: a "
-                                 f"contiguous float32 tensor of shape {want} on {p.device}; got {got}")
+                raise ValueError(f"{name}[{i}] is uint8 (8-bit blocks) and needs {absmax_name}[{i}]: "
+                                 f"a contiguous float32 tensor of shape {want} on {p.device}; got {got}")
 
 
 def _check_absmax_list(name: str, absmax, n: int) -> None:
@@ -125,8 +125,8 @@ def adam_step_compact_(
         if p.dtype not in PARAM_DTYPES:
             raise TypeError(f"params[{i}] has dtype {p.dtype}; adam_step_compact_ takes float32, "
                             "float16 and bfloat16 params (fp64 params: use adam_step_)")
-    _check_moments("exp_avgs", exp_avgs, exp_avg_absmax, params)
-    _check_moments("exp_avg_sqs", exp_avg_sqs, exp_avg_sq_absmax, params)
+    _check_moments("exp_avgs", exp_avgs, "exp_avg_absmax", exp_avg_absmax, params)
+    _check_moments("exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_absmax", exp_avg_sq_absmax, params)
     for i, s in enumerate(steps):
         check_scalar_tensor(s, f"steps[{i}]", torch.float32, device)
     args = (params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax,
