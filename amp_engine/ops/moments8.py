@@ -27,16 +27,22 @@ absmax is below ``2**-126`` (zero or subnormal) is stored as zeros with absmax 0
 (``maxval / absmax`` would overflow; such moments are far below eps anyway).
 
 Why this and not the anchors' dynamic-exponent table (bitsandbytes, torchao):
-measured (tests/optim/test_moments8_format.py prints it; REPORT numbers in
-the module ``FORMAT_NOTES``) on Adam moments of a trained MLP, the relative RMS
-error of the update ``m / sqrt(v)`` is about the same as the dynamic maps' while
-encoding needs no search: the anchors' cost on the CPU is that search. A 5-bit
-exponent for exp_avg_sq matters: its dynamic range is the square of the grads', and
-a v flushed to zero under a non-zero m gives a step of ``lr * m / eps``.
+the table needs a per-element search to encode (their CPU cost); this format
+encodes from the exponent bits. Measured 2026-12-06 on the Adam moments of an MLP
+after 300 AdamW steps (tensors >= 4,096 elements), relative RMS error of the
+update ``m / sqrt(v)`` against fp32 moments: dynamic tables 1.15 %, E3M4/E5M3
+(this) 1.87 %, E3M4/E4M4 1.46 %, E4M3/E5M3 2.93 %, E5M2/E5M3 5.39 %, bf16 0.19 %.
+E4M4 for exp_avg_sq was refused although closer: its range (2**-18 of the block
+max) is under the square of exp_avg's (2**-10): a v flushed to zero under a
+non-zero m makes a step of ``lr * m / eps``; E5's 2**-33 cannot. In training the
+difference vanishes: a char model (tests/optim/test_moments8_optim.py, 300 steps)
+ends at held-out loss 1.6671 with 8-bit moments vs 1.6661 with fp32 (+0.06 %).
 
 bf16 moments (``torch.bfloat16`` state): written with round-to-nearest-even of the
-fp32 update: measured on the same model, stochastic rounding was not better (see
-``FORMAT_NOTES``), and nearest needs no random bits and keeps resume trivially exact.
+fp32 update. Measured (an MLP regression, 300 steps, 2 seeds, final loss): fp32
+moments 0.27069 / 0.26643, bf16 nearest 0.27063 / 0.26631, bf16 stochastic
+0.27068 / 0.26640: stochastic rounding bought nothing, and nearest needs no random
+bits; the char model above: bf16 1.6658 vs fp32 1.6661.
 
 Small tensors (``numel < MIN_QUANTIZED_NUMEL = 4096``, as the anchors) and fp64
 params keep fp32/fp64 moments: the optimizer decides, the step op takes any mix.
@@ -55,9 +61,6 @@ SIGNED_EM = (3, 4)
 UNSIGNED_EM = (5, 3)
 #: absmax below this (zero or subnormal) flushes the block to zero
 MIN_ABSMAX = 2.0 ** -126
-
-FORMAT_NOTES = """measured 2026-12-06 (see the module docstring); filled in by the author"""
-
 
 def _f32(x: float) -> float:
     return struct.unpack("<f", struct.pack("<f", x))[0]
