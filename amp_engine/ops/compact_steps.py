@@ -12,6 +12,7 @@ reference. ``AMP_ENGINE_BACKEND`` is read as for the other ops.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Sequence
@@ -27,6 +28,18 @@ PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_reason(device_type: str) -> str | None:
+    """None if the Triton kernel of this op can run on `device_type`, else why not."""
+    reason = dispatch.unavailable_reason("triton", device_type)
+    if reason is None:
+        try:
+            importlib.import_module("amp_engine.ops.triton_moments8")
+        except ImportError as e:  # e.g. numpy missing: triton_optim's helpers import it
+            reason = f"amp_engine.ops.triton_moments8 does not import ({e})"
+    return reason
+
+
 def compact_backend(backend: str | None, device: torch.device) -> str:
     """The backend that runs the op for `backend` (as asked, or None) on `device`."""
     if backend is None:
@@ -34,16 +47,16 @@ def compact_backend(backend: str | None, device: torch.device) -> str:
     if backend is not None and backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be None or one of {', '.join(dispatch.BACKENDS)}; "
                          f"got {backend!r}")
-    triton_ok = dispatch.unavailable_reason("triton", device.type) is None
+    reason = _triton_reason(device.type)
     if backend == "triton":
-        if not triton_ok:
+        if reason is not None:
             raise RuntimeError(f"backend='triton' cannot run adam_step_compact_ on {device}: "
-                               f"{dispatch.unavailable_reason('triton', device.type)}")
+                               f"{reason}")
         return "triton"
     if backend == "reference":
         return "reference"
     # None / "cuda" / "cpp": no C++ kernel yet (see the module docstring)
-    return "triton" if device.type == "cuda" and triton_ok else "reference"
+    return "triton" if device.type == "cuda" and reason is None else "reference"
 
 
 def _check_moments(name: str, ts, absmax_name: str, absmax, params) -> None:

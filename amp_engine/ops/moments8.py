@@ -62,7 +62,8 @@ UNSIGNED_EM = (5, 3)
 #: absmax below this (zero or subnormal) flushes the block to zero
 MIN_ABSMAX = 2.0 ** -126
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
+    """x rounded to fp32 (as a Python float)."""
     return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
@@ -89,7 +90,7 @@ def decode_table(signed: bool, em: tuple[int, int] | None = None) -> list[float]
     out = []
     for c in range(256):
         mag, neg = (c & 0x7F, bool(c & 0x80)) if signed else (c, False)
-        v = _f32(_minifloat(mag % mag_codes, e_bits, m_bits) / top) if mag < mag_codes else 0.0
+        v = f32(_minifloat(mag % mag_codes, e_bits, m_bits) / top) if mag < mag_codes else 0.0
         out.append(-v if neg else v)
     return out
 

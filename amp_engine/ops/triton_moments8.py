@@ -13,7 +13,6 @@ import contextlib
 import struct
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,7 +117,7 @@ def adam_step_compact_(
                 HAS_MASTER=len(masters) > 0, HAS_INV=inv_scale is not None,
                 HAS_FOUND_INF=found_inf is not None, HAS_LR_TENSOR=lr_tensor is not None,
                 HAS_WD=weight_decay != 0, DECOUPLED=bool(decoupled), MAXIMIZE=bool(maximize),
-                LERP_SMALL=float(np.float32(1.0 - beta1)) < 0.5,
+                LERP_SMALL=moments8.f32(1.0 - beta1) < 0.5,
                 STOCHASTIC=bool(stochastic_rounding) and p_dt == torch.bfloat16,
                 NB=nb, CHUNK_SIZE=CHUNK, **_CONSTANTS, num_warps=4, enable_fp_fusion=False)
         count_step_kernel[(1,)](
