@@ -2,7 +2,7 @@
 
 One Python entry that validates and picks a backend. The formats are
 :mod:`amp_engine.ops.moments8`'s; the arithmetic is
-:mod:`amp_engine.ops.moments8_reference`'s (the truth: backends agree bitwise).
+:mod:`amp_engine.ops.reference.moments8`'s (the truth: backends agree bitwise).
 
 Backends: "triton" (CUDA; CPU under ``TRITON_INTERPRET=1``) and "reference".
 The C++ backends have no kernel for this op yet (next phase), so the dispatcher
@@ -12,15 +12,13 @@ reference. ``AMP_ENGINE_BACKEND`` is read as for the other ops.
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from amp_engine.ops import dispatch, moments8, moments8_reference
+from amp_engine.ops import dispatch, moments8
 from amp_engine.ops.optim_steps import _check_beta, _check_list, _device, _resolve_lr, check_step_args
 from amp_engine.ops.validation import check_scalar_tensor
 
@@ -28,16 +26,7 @@ PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_reason(device_type: str) -> str | None:
-    """None if the Triton kernel of this op can run on `device_type`, else why not."""
-    reason = dispatch.unavailable_reason("triton", device_type)
-    if reason is None:
-        try:
-            importlib.import_module("amp_engine.ops.triton_moments8")
-        except ImportError as e:  # e.g. numpy missing: triton_optim's helpers import it
-            reason = f"amp_engine.ops.triton_moments8 does not import ({e})"
-    return reason
+OP = "adam_step_compact_"
 
 
 def compact_backend(backend: str | None, device: torch.device) -> str:
@@ -47,11 +36,10 @@ def compact_backend(backend: str | None, device: torch.device) -> str:
     if backend is not None and backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be None or one of {', '.join(dispatch.BACKENDS)}; "
                          f"got {backend!r}")
-    reason = _triton_reason(device.type)
+    reason = dispatch.unavailable_reason("triton", device, OP)
     if backend == "triton":
         if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run adam_step_compact_ on {device}: "
-                               f"{reason}")
+            raise RuntimeError(f"backend='triton' cannot run {OP} on {device}: {reason}")
         return "triton"
     if backend == "reference":
         return "reference"
@@ -146,9 +134,7 @@ def adam_step_compact_(
             steps, lr_tensor, lr_f, inv_scale, found_inf, rng_state, float(beta1), float(beta2),
             float(eps), float(weight_decay), bool(decoupled), bool(maximize),
             bool(stochastic_rounding))
-    impl = (moments8_reference if name == "reference"
-            else importlib.import_module("amp_engine.ops.triton_moments8"))
-    impl.adam_step_compact_(*args)
+    dispatch.python_backend(name, OP).adam_step_compact_(*args)
 
 
 __all__ = ["adam_step_compact_", "compact_backend"]

@@ -1,7 +1,7 @@
-"""Triton kernel of ``adam_step_compact_`` (launched by :mod:`amp_engine.ops.triton_moments8`).
+"""Triton kernel of ``adam_step_compact_`` (launched by :mod:`amp_engine.ops.triton.moments8`).
 
-Arithmetic: exactly :mod:`amp_engine.ops.moments8_reference` (encode/decode:
-:mod:`amp_engine.ops.moments8`), with the traps of triton_optim_kernels avoided
+Arithmetic: exactly :mod:`amp_engine.ops.reference.moments8` (encode/decode:
+:mod:`amp_engine.ops.moments8`), with the traps of triton.optim_kernels avoided
 the same way: no fused multiply-adds, ``div_rn``/``sqrt_rn``, bf16 handled as
 uint16 bits with integer rounding, fp64 hyper-parameters as int64 bits, NaN
 tested as ``x != x`` (``tl.max`` drops NaN: the block absmax adds it back).
@@ -11,12 +11,12 @@ block is a row reduction in registers: the moments are decoded, updated and
 re-encoded in the same pass that reads the grad. Tensor table (int64, ``n``
 columns): param, grad, master, exp_avg, exp_avg_sq, their absmax, the step
 counter's address, numel, the tensor's index; then the chunk table as in
-triton_optim_kernels. Moment formats (constexpr): 0 fp32, 1 bf16, 2 uint8 blocks.
+triton.optim_kernels. Moment formats (constexpr): 0 fp32, 1 bf16, 2 uint8 blocks.
 """
 import triton
 import triton.language as tl
 
-from amp_engine.ops.triton_optim_kernels import (
+from amp_engine.ops.triton.optim_kernels import (
     _applied, _f64, _inv, _load_acc, _lr, _pow_f64, _sr_key, _store_param, _table_ptr,
 )
 

@@ -1,10 +1,10 @@
 """Triton backend of ``adam_step_compact_`` (Adam / AdamW with compact moments).
 
-A plain launcher with the reference's signature (:mod:`amp_engine.ops.moments8_reference`),
+A plain launcher with the reference's signature (:mod:`amp_engine.ops.reference.moments8`),
 so tests can call it on CPU tensors under ``TRITON_INTERPRET=1``. One launch per
 (param, grad, exp_avg, exp_avg_sq dtype) group; tensors reach the kernel through
-an int64 address table (cached like triton_optim's), one program per chunk of one
-tensor; then triton_optim's one-program kernel bumps the step counters, on the
+an int64 address table (cached like triton.optim's), one program per chunk of one
+tensor; then triton.optim's one-program kernel bumps the step counters, on the
 device and only when the step was applied.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from amp_engine.ops import moments8
-from amp_engine.ops.triton_moments8_kernels import BF16, F32, Q8, adam_compact_kernel
-from amp_engine.ops.triton_optim import _STORAGE, _acc_bits, _bits, _device_table
-from amp_engine.ops.triton_optim_kernels import count_step_kernel
+from amp_engine.ops.triton.moments8_kernels import BF16, F32, Q8, adam_compact_kernel
+from amp_engine.ops.triton.optim import _STORAGE, _acc_bits, _bits, _device_table
+from amp_engine.ops.triton.optim_kernels import count_step_kernel
 
 CHUNK = 8192  # a multiple of the 256-element block: no block spans two programs
 _NB = {"cuda": 4}  # blocks per tile (rows of 256)
@@ -53,7 +53,7 @@ def adam_step_compact_(
     found_inf: Tensor | None, rng_state: Tensor | None, beta1: float, beta2: float, eps: float,
     weight_decay: float, decoupled: bool, maximize: bool, stochastic_rounding: bool,
 ) -> None:
-    """Arguments as ``moments8_reference.adam_step_compact_`` (trusted: the op entry checks)."""
+    """Arguments as ``reference.moments8.adam_step_compact_`` (trusted: the op entry checks)."""
     if len(params) == 0:
         return
     if stochastic_rounding and rng_state is None and any(p.dtype == torch.bfloat16 for p in params):

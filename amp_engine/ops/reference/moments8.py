@@ -6,11 +6,11 @@ order of the op (``amp_engine.ops.adam_step_compact_`` validates them):
 steps, lr_tensor, lr, inv_scale, found_inf, rng_state, beta1, beta2, eps,
 weight_decay, decoupled, maximize, stochastic_rounding``.
 
-Per tensor, each moment's dtype names its format (:mod:`amp_engine.ops.moments8`):
+Per tensor, each moment's dtype names its format (:mod:`amp_engine.ops.moments8`, the format):
 fp32 (plain), bf16 (written nearest-even) or uint8 (8-bit blocks: the codes in the
 param's shape, contiguous, plus an fp32 absmax list entry of ``ceil(numel / 256)``).
 Params are fp32/fp16/bf16 (fp64 params stay on ``adam_step_``); the update is
-:mod:`amp_engine.ops.optim_reference`'s fp32 Adam arithmetic, done on the decoded
+:mod:`amp_engine.ops.reference.optim`'s fp32 Adam arithmetic, done on the decoded
 moments, after which the new moments are re-encoded (new absmax per block).
 Elements are walked in row-major order: blocks are row-major runs of 256, and the
 stochastic-rounding offset ``j`` of a bf16 param is its row-major index (one rule
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from amp_engine.ops import moments8
-from amp_engine.ops.optim_reference import _round_host, _sqrt, round_bf16_stochastic, sr_bits
+from amp_engine.ops.reference.optim import _round_host, _sqrt, round_bf16_stochastic, sr_bits
 
 
 def load_moment(t: Tensor, absmax: Tensor | None, signed: bool) -> Tensor:
@@ -95,7 +95,7 @@ def adam_step_compact_(
         m = load_moment(m_t, m_abs, True)
         v = load_moment(v_t, v_abs, False)
         w1 = const(1.0 - beta1)
-        if _round_host(1.0 - beta1, f32) < 0.5:  # torch's lerp, as optim_reference
+        if _round_host(1.0 - beta1, f32) < 0.5:  # torch's lerp, as reference.optim
             m = m + w1 * (g - m)
         else:
             m = g - (g - m) * (1 - w1)
