@@ -172,3 +172,23 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="beta1"):
         adam_step_compact_(*ok, lr=1e-3, beta1=1.5, beta2=0.9, eps=1e-8, weight_decay=0.0,
                            decoupled=True)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_code_survives_decode_and_requantize(signed):
+    """8-bit -> fp32 -> 8-bit (a precision switch and back) returns the same bytes: every
+    block's largest code decodes to exactly its absmax, every code to its own nearest."""
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (40, 256), generator=gen, dtype=torch.uint8)
+    codes[:, 0] = 0xFF if not signed else torch.tensor([0x7F, 0xFF])[torch.arange(40) % 2]
+    codes[0] = torch.arange(256, dtype=torch.uint8)  # all 256 codes in one block
+    if not signed:
+        codes[0, 255] = 255
+    absmax = torch.rand(40, generator=gen, dtype=torch.float64).float() * 10 ** torch.randint(
+        -30, 30, (40,), generator=gen).float()
+    x = moments8.dequantize(codes.reshape(-1), absmax, signed)
+    again, absmax2 = moments8.quantize(x, signed)
+    zero = (x == 0)
+    assert torch.equal(absmax2, absmax)
+    # +0 and -0 both decode to 0: the signed map's 0x80 comes back as 0x80 (the sign bit)
+    assert torch.equal(again[~zero], codes.reshape(-1)[~zero])
