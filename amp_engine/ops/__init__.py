@@ -3,6 +3,7 @@
 Each op takes ``backend=None|"cuda"|"triton"|"cpp"|"reference"``; see
 :mod:`amp_engine.ops.dispatch` for how the default is chosen.
 """
+from amp_engine.ops.compact_steps import adam_step_compact_
 from amp_engine.ops.dispatch import available_backends
 from amp_engine.ops.optim_steps import adam_step_, optim_backends, sgd_step_
 from amp_engine.ops.scaling import (
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_MIN_SCALE",
     "DEFAULT_MAX_SCALE",
     "adam_step_",
+    "adam_step_compact_",
     "sgd_step_",
     "optim_backends",
 ]

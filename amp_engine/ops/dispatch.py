@@ -27,8 +27,9 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "referenc
 #: when that backend runs: the Triton ones import triton).
 _SCALING = ("amp_engine.ops.reference.scaling", "amp_engine.ops.triton.scaling")
 _OPTIM = ("amp_engine.ops.reference.optim", "amp_engine.ops.triton.optim")
+_COMPACT = ("amp_engine.ops.reference.moments8", "amp_engine.ops.triton.moments8")
 OPS = {"unscale_and_check_": _SCALING, "grad_norm_and_check": _SCALING, "update_scale_": _SCALING,
-       "adam_step_": _OPTIM, "sgd_step_": _OPTIM}
+       "adam_step_": _OPTIM, "sgd_step_": _OPTIM, "adam_step_compact_": _COMPACT}
 DEFAULT_OP = "unscale_and_check_"
 
 

@@ -166,12 +166,13 @@ class FusedOptimizer(Optimizer):
 
     # ------------------------------------------------------------ the step
     def _collect(self, group: dict[str, Any], gi: int):
-        """Lists for the op, split by whether the param has a master: ``{has_master: lists}``.
+        """Lists for the op, split by ``_split_key(state)`` (whether the param has a
+        master; Adam adds the moments' formats): ``{key: lists}``.
 
         Each ``lists`` maps "params", "grads", "steps", "masters" and every key of
         ``_ELEMENT_STATE`` present to a list of local tensors.
         """
-        out: dict[bool, dict[str, list[Tensor]]] = {}
+        out: dict[Any, dict[str, list[Tensor]]] = {}
         device = None
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -190,7 +191,8 @@ class FusedOptimizer(Optimizer):
             if len(state) == 0:
                 self._init_base_state(state, p, group)
             has_master = "master" in state
-            lists = out.setdefault(has_master, {"params": [], "grads": [], "steps": [], "masters": []})
+            lists = out.setdefault(self._split_key(state),
+                                   {"params": [], "grads": [], "steps": [], "masters": []})
             lists["params"].append(local_tensor(p))
             lists["grads"].append(local_tensor(g))
             lists["steps"].append(local_tensor(state["step"]))
@@ -200,6 +202,10 @@ class FusedOptimizer(Optimizer):
                 if key in state:
                     lists.setdefault(key, []).append(local_tensor(state[key]))
         return device, out
+
+    def _split_key(self, state: dict[str, Any]) -> Any:
+        """Params whose state gives equal keys go to one op call."""
+        return "master" in state
 
     def _init_base_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         # step lives on the param's device: the kernels read and bump it there (no sync)

@@ -6,8 +6,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from amp_engine.ops.compact_steps import adam_step_compact_
 from amp_engine.ops.optim_steps import adam_step_
+from amp_engine.optim import _moments
 from amp_engine.optim._base import FusedOptimizer, check_lr, lr_on_device, moment_dtype, to_float
+
+_FULL = (torch.float32, torch.float64)
 
 
 class Adam(FusedOptimizer):
@@ -34,14 +38,23 @@ class Adam(FusedOptimizer):
             device; with True a CUDA graph capture of ``step()`` is allowed (a float
             lr is then baked into the graph: use a tensor lr to change it).
         backend: None (fastest built) or "cuda" / "triton" / "cpp" / "reference".
+            Compact moments have no C++ kernel yet: "cpp"/"cuda" run the reference /
+            Triton for those params (see :mod:`amp_engine.ops.compact_steps`).
+        exp_avg_dtype, exp_avg_sq_dtype: the moments' storage: torch.float32 (default),
+            torch.bfloat16 (nearest-even) or torch.uint8 (8-bit blocks of 256 with an
+            fp32 absmax each: ~2.03 B/param for both). Params under 4,096 elements,
+            fp64 and DTensor params keep full-precision moments
+            (:mod:`amp_engine.optim._moments`). Not with amsgrad (ValueError).
         foreach, fused: accepted for drop-in compatibility, ignored (always fused).
         differentiable: must be False.
     State per param: ``step`` (fp32 0-dim on the param's device), ``exp_avg``,
-    ``exp_avg_sq`` (``max_exp_avg_sq``) in fp32 (fp64 for fp64 params), and
-    ``master`` (fp32) for params that keep one.
+    ``exp_avg_sq`` (``max_exp_avg_sq``) in fp32 (fp64 for fp64 params) or the
+    chosen compact format (8-bit: uint8 codes plus ``exp_avg_absmax`` /
+    ``exp_avg_sq_absmax``), and ``master`` (fp32) for params that keep one.
     """
 
-    _ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") + _moments.ABSMAX_KEYS
+    _OWN_GROUP_KEYS = ("exp_avg_dtype", "exp_avg_sq_dtype")  # the optimizer's, kept on load
     _REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # a checkpoint without them is broken
 
     def __init__(
@@ -62,8 +75,16 @@ class Adam(FusedOptimizer):
         master_weights: bool | None = None,
         stochastic_rounding: bool = False,
         backend: str | None = None,
+        exp_avg_dtype: torch.dtype = torch.float32,
+        exp_avg_sq_dtype: torch.dtype = torch.float32,
     ) -> None:
         check_lr(lr)
+        exp_avg_dtype = _moments.check_dtype("exp_avg_dtype", exp_avg_dtype)
+        exp_avg_sq_dtype = _moments.check_dtype("exp_avg_sq_dtype", exp_avg_sq_dtype)
+        if amsgrad and (exp_avg_dtype, exp_avg_sq_dtype) != (torch.float32, torch.float32):
+            raise ValueError("amsgrad=True needs fp32 moments; got exp_avg_dtype="
+                             f"{exp_avg_dtype}, exp_avg_sq_dtype={exp_avg_sq_dtype} (the running "
+                             "max of a quantized exp_avg_sq would compound its rounding)")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         b1, b2 = to_float(betas[0], "betas[0]"), to_float(betas[1], "betas[1]")
@@ -78,27 +99,45 @@ class Adam(FusedOptimizer):
             raise ValueError("differentiable=True is not supported by amp_engine's fused optimizers")
         defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        decoupled_weight_decay=decoupled_weight_decay,
+                        exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype)
         super().__init__(params, defaults, master_weights=master_weights,
                          stochastic_rounding=stochastic_rounding, capturable=capturable,
                          backend=backend)
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
-        dtype = moment_dtype(p)
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        self._complete_state(state, p, group)
 
     def _complete_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
-        dtype = moment_dtype(p)
-        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        _moments.conform(state, p, group)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype(p),
+                                                       memory_format=torch.preserve_format)
+
+    def _split_key(self, state: dict[str, Any]) -> Any:
+        return ("master" in state, state["exp_avg"].dtype, state["exp_avg_sq"].dtype)
+
+    def fp32_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state in torch.optim.AdamW / Adam's format: moments
+        decoded to fp32 (fp64 stays fp64), no masters, absmax or amp_engine group keys.
+        ``torch.optim.AdamW(params).load_state_dict(opt.fp32_state_dict())`` continues
+        the run with torch (our optimizers load it back too)."""
+        return _moments.fp32_state_dict(self)
 
     def _launch(self, group, lists, inv_scale, found_inf) -> None:
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
+        if lists["exp_avg"][0].dtype not in _FULL or lists["exp_avg_sq"][0].dtype not in _FULL:
+            adam_step_compact_(
+                lists["params"], lists["grads"], lists["masters"], lists["exp_avg"],
+                lists["exp_avg_sq"], lists.get("exp_avg_absmax", []),
+                lists.get("exp_avg_sq_absmax", []), lists["steps"],
+                lr=lr_on_device(group["lr"], lists["params"][0]), beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"],
+                decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
+                inv_scale=inv_scale, found_inf=found_inf, rng_state=group.get("rng_state"),
+                stochastic_rounding=group["stochastic_rounding"], backend=self.backend)
+            return
         adam_step_(
             lists["params"], lists["grads"], lists["masters"], lists["exp_avg"],
             lists["exp_avg_sq"], lists.get("max_exp_avg_sq", []) if amsgrad else [],
@@ -133,11 +172,14 @@ class AdamW(Adam):
         master_weights: bool | None = None,
         stochastic_rounding: bool = False,
         backend: str | None = None,
+        exp_avg_dtype: torch.dtype = torch.float32,
+        exp_avg_sq_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          capturable=capturable, differentiable=differentiable,
                          decoupled_weight_decay=True, master_weights=master_weights,
-                         stochastic_rounding=stochastic_rounding, backend=backend)
+                         stochastic_rounding=stochastic_rounding, backend=backend,
+                         exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -145,4 +187,17 @@ class AdamW(Adam):
             group["decoupled_weight_decay"] = True
 
 
-__all__ = ["Adam", "AdamW"]
+class AdamW8bit(AdamW):
+    """AdamW with 8-bit block-wise moments (``exp_avg_dtype = exp_avg_sq_dtype =
+    torch.uint8``): ~2.03 B/param of optimizer state instead of 8. Arguments as
+    :class:`AdamW`; the two dtypes may still be overridden."""
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 exp_avg_dtype: torch.dtype = torch.uint8,
+                 exp_avg_sq_dtype: torch.dtype = torch.uint8, **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad,
+                         exp_avg_dtype=exp_avg_dtype, exp_avg_sq_dtype=exp_avg_sq_dtype, **kwargs)
+
+
+__all__ = ["Adam", "AdamW", "AdamW8bit"]

@@ -18,11 +18,15 @@ import torch
 from torch import Tensor
 
 from amp_engine.distributed import local_tensor
+from amp_engine.optim import _moments
 
 log = logging.getLogger(__name__)
 
 #: per-param state kept in full precision (never cast to the param's dtype)
-EXACT_KEYS = ("step", "master", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+EXACT_KEYS = ("step", "master", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer",
+              "exp_avg_absmax", "exp_avg_sq_absmax")
+#: moments that may be stored compact (bf16, or uint8 codes with an absmax: optim/_moments.py)
+COMPACT_KEYS = ("exp_avg", "exp_avg_sq")
 #: per-element state: same shape as the param
 ELEMENT_KEYS = ("master", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
@@ -81,12 +85,14 @@ def validate(optimizer, state_dict: dict[str, Any]) -> None:
             t = st.get(key)
             if t is None:
                 continue
-            if not isinstance(t, Tensor) or not t.is_floating_point():
+            compact = key in COMPACT_KEYS and isinstance(t, Tensor) and t.dtype == torch.uint8
+            if not isinstance(t, Tensor) or not (t.is_floating_point() or compact):
                 raise ValueError(f"state[{k}][{key!r}] must be a floating tensor, got "
                                  f"{getattr(t, 'dtype', type(t).__name__)}")
             if _shape(t) != _shape(p):
                 raise ValueError(f"state[{k}][{key!r}] has shape {_shape(t)} but param {k} has shape "
                                  f"{_shape(p)}: this state dict belongs to other params")
+        _moments.validate(k, st, p)
         missing = [key for key in getattr(optimizer, "_REQUIRED_STATE", ()) if key not in st]
         if st and missing:
             raise ValueError(f"state[{k}] has no {missing}: the checkpoint is incomplete or from "
@@ -153,7 +159,12 @@ def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], Non
         else:
             stripped[k] = st
     old_rng = [g.get("rng_state") for g in optimizer.param_groups]
+    # the optimizer's own choices (moment formats) win over the checkpoint's
+    own = [{key: g[key] for key in getattr(optimizer, "_OWN_GROUP_KEYS", ()) if key in g}
+           for g in optimizer.param_groups]
     torch_load(dict(state_dict, state=stripped))
+    for group, kept in zip(optimizer.param_groups, own):
+        group.update(kept)
 
     rebuilt = dropped = 0
     for k, tensors in exact.items():
@@ -162,6 +173,9 @@ def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], Non
         state.pop("master", None)
         for key, t in tensors.items():
             dtype = torch.float32 if key in ("step", "master") else _moment_dtype(p)
+            if key in _moments.ABSMAX_KEYS or (
+                    key in COMPACT_KEYS and t.dtype in (torch.bfloat16, torch.uint8)):
+                dtype = t.dtype  # compact as saved; _complete_state converts if it must
             state[key] = t.detach().to(device=p.device, dtype=dtype, copy=True)
     for group in optimizer.param_groups:
         for p in group["params"]:

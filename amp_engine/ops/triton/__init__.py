@@ -3,5 +3,6 @@
 Imported only when the "triton" backend is used: nothing here is imported by
 ``import amp_engine``. :mod:`~amp_engine.ops.triton.scaling` (unscale/check,
 norm/check, scale update), :mod:`~amp_engine.ops.triton.optim` (optimizer step
-launchers) and :mod:`~amp_engine.ops.triton.optim_kernels` (their kernels).
+launchers) and :mod:`~amp_engine.ops.triton.optim_kernels` (their kernels),
+:mod:`~amp_engine.ops.triton.moments8` / ``moments8_kernels`` (Adam with compact moments).
 """
