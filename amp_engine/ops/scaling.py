@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from amp_engine import _extension
 from amp_engine.ops import dispatch, validation
 from amp_engine.ops.reference import scaling as _reference
 from amp_engine.ops.reference.scaling import DEFAULT_MAX_SCALE, DEFAULT_MIN_SCALE
@@ -26,7 +27,15 @@ def compiled_takes(op: str, arg: str) -> bool:
     then do that part with the reference's tensor ops after the compiled op
     (same results, a few more ops per step).
     """
+    if not _extension.LOADED or not hasattr(torch.ops.amp_engine, op):
+        return False
     return any(a.name == arg for a in getattr(torch.ops.amp_engine, op).default._schema.arguments)
+
+
+# read once at import: the entries below are traced by torch.compile, which
+# cannot look into the schema object (a pybind one)
+_CLIP_IN_KERNEL = compiled_takes("grad_norm_and_check", "max_norm")
+_BOOKKEEPING_IN_KERNEL = compiled_takes("update_scale_", "counters")
 
 
 def _device_of(grads: Sequence[Tensor], fallback: Tensor) -> torch.device:
@@ -105,7 +114,7 @@ def grad_norm_and_check(
         max_norm = float(max_norm)
     if name in ("cpp", "cuda"):
         op = torch.ops.amp_engine.grad_norm_and_check
-        if compiled_takes("grad_norm_and_check", "max_norm"):
+        if _CLIP_IN_KERNEL:
             total, per = _compiled(op, grads, inv_scale, found_inf, counts, bool(per_tensor),
                                    max_norm, clip_coef, step_scale)
         else:
@@ -165,7 +174,7 @@ def update_scale_(
     )
     extra = (inv_scale, next_found_inf, counters, counts, ring)
     if name in ("cpp", "cuda"):
-        if compiled_takes("update_scale_", "counters"):
+        if _BOOKKEEPING_IN_KERNEL:
             torch.ops.amp_engine.update_scale_(*args, *extra)
             return
         validation.check_bookkeeping_args(*extra, scale.device)

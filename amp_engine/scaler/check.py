@@ -23,14 +23,16 @@ class CheckMixin:
         """fp32 inv_scale on the scale's device (fp64 reciprocal, as torch).
 
         update_scale_ writes it in place for the next step; computed here only
-        when the scale was set another way (load_state_dict, update(new_scale), ...).
+        when the scale was set another way: a new scale tensor (lazy init, torch's
+        tests assign ``_scale``), or load_state_dict / update(new_scale), which
+        drop the cache. (Not the scale's version counter: under torch.compile
+        it is data-dependent and breaks the graph.)
         """
         scale = self._scale
         cache = self._inv_cache
-        if cache is None or cache[0] is not scale or cache[1] != scale._version:
-            inv = scale.double().reciprocal().float()
-            self._inv_cache = cache = (scale, scale._version, inv)
-        return cache[2]
+        if cache is None or cache[0] is not scale:
+            self._inv_cache = cache = (scale, scale.double().reciprocal().float())
+        return cache[1]
 
     def _flag(self, entry: OptimizerGrads, state, device: torch.device) -> Tensor:
         """A zero found_inf for this step's checks on ``device``: on the scale's

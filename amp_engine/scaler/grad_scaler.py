@@ -125,7 +125,7 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
         # host-side caches that neither pickle nor checkpoint
         self._grad_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._n_optimizers_seen = 0
-        self._inv_cache: tuple | None = None  # (scale, its _version, fp32 inv_scale)
+        self._inv_cache: tuple | None = None  # (scale, fp32 inv_scale of it)
         self._parity = 0  # which of each optimizer's two found_inf flags this step sets
         self._param_names: dict[int, tuple[weakref.ref, str]] = {}
         self._last_step_found_inf: Tensor | bool | None = None
@@ -313,7 +313,7 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
         else:
             # one launch: the scale rule, the next inv_scale, a zeroed flag and the stats
             cache = self._inv_cache
-            inv = cache[2] if cache is not None and cache[2].device == scale.device else \
+            inv = cache[1] if cache is not None and cache[1].device == scale.device else \
                 torch.empty((), dtype=torch.float32, device=scale.device)
             ops.update_scale_(scale, growth_tracker, hyst, found_inf,
                               growth_factor=self._growth_factor,
@@ -325,7 +325,7 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
             self._stats.counted()
             for flag in nexts[1:]:
                 flag.zero_()
-            self._inv_cache = (scale, scale._version, inv)
+            self._inv_cache = (scale, inv)
         for st in self._per_optimizer_states.values():
             if st["buffers"] is not None:
                 st["buffers"].clean[1 - self._parity] = True
