@@ -73,7 +73,9 @@ sources = ["csrc/ops.cpp", "csrc/errors.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp
 #   with the Python reference (csrc/math/hd.h); a flag, not a GCC-only pragma.
 # -fopenmp-simd: the `omp simd` hints only; threads come from torch's own
 #   parallel_for through the stable ABI, so no OpenMP runtime is linked here.
-cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
+# -fvisibility=hidden: the library exports PyInit__C only (its C++ types hold
+#   torch's hidden-visibility stable types, and nothing else should bind to them).
+cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden"]
 cxx_flags += ["-march=native"] if native else []
 link_flags = []
 # --fmad=false: the same no-FMA rule for the GPU, so CUDA runs exactly the
@@ -81,7 +83,7 @@ link_flags = []
 # IEEE-exact (nvcc's defaults, stated for the reader). The cost is nil for these
 # memory-bound kernels.
 nvcc_flags = ["-O3", "--threads", "1", "-lineinfo", "--fmad=false", "-prec-div=true",
-              "-prec-sqrt=true", "-ftz=false"]
+              "-prec-sqrt=true", "-ftz=false", "-Xcompiler", "-fvisibility=hidden"]
 # torch defines Py_LIMITED_API itself for py_limited_api builds
 define_macros = [("TORCH_TARGET_VERSION", _target_hex)]
 if with_cuda:

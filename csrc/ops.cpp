@@ -21,13 +21,11 @@
 #include "errors.h"
 #include "tensors.h"
 
-extern "C" {
 // An importable, empty `amp_engine._C` module (Python's limited API): importing
 // it runs the static registrations below.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 STABLE_TORCH_LIBRARY(amp_engine, m) {
