@@ -1,5 +1,10 @@
 """Build amp_engine and its op library `amp_engine._C`.
 
+The library uses only the LibTorch stable ABI (torch/csrc/stable, torch/headeronly)
+and Python's limited API, compiled for TORCH_TARGET (2.11): one build, made
+against any torch from 2.11 on (pip's isolated build uses the newest allowed),
+loads and runs on every torch from 2.11 to the newest allowed.
+
 The C++ CPU kernels are always built. The CUDA kernels are built when torch has
 CUDA and a CUDA toolkit is found, never by asking for a GPU (build machines have
 none). Environment:
@@ -15,7 +20,6 @@ none). Environment:
 import glob
 import os
 import shutil
-import sys
 
 from setuptools import find_packages, setup
 
@@ -57,20 +61,35 @@ if _cuda_mode == "1" and not with_cuda:
     )
 native = os.environ.get("AMP_ENGINE_NATIVE", "1") != "0"
 
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno"]  # torch adds its own -std (C++20 for 2.14)
-# -fno-math-errno: nothing reads errno, and with it GCC vectorizes sqrt (optimizer steps)
+# The oldest torch the library must load on: the stable-ABI headers then offer
+# only what that version's libtorch exports (TORCH_FEATURE_VERSION gates them).
+TORCH_TARGET = "2.11"
+_target_hex = "0x%02x%02x000000000000" % tuple(int(x) for x in TORCH_TARGET.split("."))
+
+sources = ["csrc/ops.cpp", "csrc/errors.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+# torch adds its own -std (C++17 for 2.11, C++20 for 2.14).
+# -fno-math-errno: nothing reads errno, and with it GCC vectorizes sqrt (optimizer steps).
+# -ffp-contract=off: no fused multiply-adds, which would break bitwise equality
+#   with the Python reference (csrc/math/hd.h); a flag, not a GCC-only pragma.
+# -fopenmp-simd: the `omp simd` hints only; threads come from torch's own
+#   parallel_for through the stable ABI, so no OpenMP runtime is linked here.
+# -fvisibility=hidden: the library exports PyInit__C only (its C++ types hold
+#   torch's hidden-visibility stable types, and nothing else should bind to them).
+cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off", "-fvisibility=hidden"]
 cxx_flags += ["-march=native"] if native else []
-# at::parallel_for is header-only on torch's OpenMP builds: without -fopenmp the
-# CPU kernels would silently run on one thread. libgomp is torch's own (same soname).
-openmp = torch.backends.openmp.is_available() and sys.platform.startswith("linux")
-cxx_flags += ["-fopenmp"] if openmp else []
-link_flags = ["-fopenmp"] if openmp else []
-nvcc_flags = ["-O3", "--threads", "1", "-lineinfo"]
-define_macros = []  # torch defines Py_LIMITED_API itself for py_limited_api builds
+link_flags = []
+# --fmad=false: the same no-FMA rule for the GPU, so CUDA runs exactly the
+# arithmetic the CPU tests verify bitwise (csrc/math/). Division and sqrt stay
+# IEEE-exact (nvcc's defaults, stated for the reader). The cost is nil for these
+# memory-bound kernels.
+nvcc_flags = ["-O3", "--threads", "1", "-lineinfo", "--fmad=false", "-prec-div=true",
+              "-prec-sqrt=true", "-ftz=false", "-Xcompiler", "-fvisibility=hidden"]
+# torch defines Py_LIMITED_API itself for py_limited_api builds
+define_macros = [("TORCH_TARGET_VERSION", _target_hex)]
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    define_macros.append(("AMP_ENGINE_WITH_CUDA", "1"))
+    # USE_CUDA: the stable shim's CUDA entries (current stream) are declared under it
+    define_macros += [("AMP_ENGINE_WITH_CUDA", "1"), ("USE_CUDA", "1")]
     Extension = CUDAExtension
     extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
 else:
@@ -82,6 +101,7 @@ with open(os.path.join(HERE, "amp_engine", "_build_config.py"), "w") as f:
     f.write(
         "# Written by setup.py at build time.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_TARGET = {TORCH_TARGET!r}  # stable ABI: loads on torch >= this\n"
         f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCH_LIST = {os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else None!r}\n"

@@ -1,68 +1,78 @@
-// Argument checks shared by the CPU and CUDA kernels. Every message names the
-// argument, the value given and what is allowed; TORCH_CHECK_VALUE / _TYPE
-// surface in Python as ValueError / TypeError.
+// Argument checks of the loss-scaling ops, shared by the CPU and CUDA kernels
+// (the fused optimizer steps: optim_checks.h). Every message names the
+// argument, the value given and what is allowed; AMP_CHECK_VALUE / _TYPE
+// surface in Python as ValueError / TypeError (errors.h).
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-
-#include <functional>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
+#include "errors.h"
+#include "tensors.h"
+
 namespace amp_engine {
 
-inline bool is_grad_dtype(c10::ScalarType t) {
-  return t == c10::kFloat || t == c10::kHalf || t == c10::kBFloat16 || t == c10::kDouble;
+inline bool is_grad_dtype(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16 ||
+         t == ScalarType::Double;
 }
 
 // A list of same-device, strided, floating tensors (fp32/fp16/bf16/fp64).
 // Returns the common device (CPU for an empty list).
-inline c10::Device check_tensor_list(at::TensorList ts, const char* name) {
-  if (ts.empty()) return c10::Device(c10::kCPU);
-  const c10::Device dev = ts[0].device();
+inline Device check_tensor_list(const TensorList& ts, const char* name) {
+  if (ts.empty()) return Device(DeviceType::CPU);
+  const Device dev = ts[0].device();
   for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    TORCH_CHECK_VALUE(t.defined(), name, "[", i, "] is None; pass only tensors that have a value");
-    TORCH_CHECK_VALUE(t.layout() == c10::kStrided, name, "[", i, "] has layout ", t.layout(),
-                      "; only dense (strided) tensors are allowed (coalesce/densify sparse grads first)");
-    TORCH_CHECK_TYPE(is_grad_dtype(t.scalar_type()), name, "[", i, "] has dtype ", t.scalar_type(),
-                     "; allowed: float32, float16, bfloat16, float64");
-    TORCH_CHECK_VALUE(t.device() == dev, name, " must all be on one device: ", name, "[0] is on ",
-                      dev, " but ", name, "[", i, "] is on ", t.device());
+    const Tensor& t = ts[i];
+    AMP_CHECK_VALUE(t.defined(), name, "[", i, "] is None; pass only tensors that have a value");
+    AMP_CHECK_VALUE(t.layout() == Layout::Strided, name, "[", i, "] has layout ",
+                    layout_name(t.layout()),
+                    "; only dense (strided) tensors are allowed (coalesce/densify sparse grads first)");
+    AMP_CHECK_TYPE(is_grad_dtype(t.scalar_type()), name, "[", i, "] has dtype ",
+                   amp_engine::name(t.scalar_type()), "; allowed: float32, float16, bfloat16, float64");
+    const Device d = t.device();
+    AMP_CHECK_VALUE(same_device(d, dev), name, " must all be on one device: ", name, "[0] is on ",
+                    amp_engine::name(dev), " but ", name, "[", i, "] is on ", amp_engine::name(d));
   }
   return dev;
 }
 
 // A one-element tensor of the given dtype on `dev` (found_inf, inv_scale, scale, ...).
-inline void check_scalar_tensor(const at::Tensor& t, const char* name, c10::ScalarType dtype,
-                                c10::Device dev) {
-  TORCH_CHECK_VALUE(t.defined(), name, " is None; expected a one-element ", dtype, " tensor");
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), "; expected ",
-                   dtype);
-  TORCH_CHECK_VALUE(t.numel() == 1, name, " has shape ", t.sizes(),
-                    "; expected a one-element (0-dim) tensor");
-  TORCH_CHECK_VALUE(t.device() == dev, name, " is on ", t.device(), " but the tensors are on ", dev);
+// `index` >= 0 prints the name as name[index] (lists of scalars: steps).
+inline void check_scalar_tensor(const Tensor& t, const char* name, ScalarType dtype,
+                                const Device& dev, int64_t index = -1) {
+  const std::string n = index < 0 ? std::string(name) : detail::concat(name, "[", index, "]");
+  AMP_CHECK_VALUE(t.defined(), n, " is None; expected a one-element ", amp_engine::name(dtype),
+                  " tensor");
+  AMP_CHECK_TYPE(t.scalar_type() == dtype, n, " has dtype ", amp_engine::name(t.scalar_type()),
+                 "; expected ", amp_engine::name(dtype));
+  AMP_CHECK_VALUE(t.numel() == 1, n, " has shape ", shape(t),
+                  "; expected a one-element (0-dim) tensor");
+  const Device d = t.device();
+  AMP_CHECK_VALUE(same_device(d, dev), n, " is on ", amp_engine::name(d),
+                  " but the tensors are on ", amp_engine::name(dev));
 }
 
 // counts: int64 [n], contiguous, on `dev`.
-inline void check_counts(const at::Tensor& counts, size_t n, c10::Device dev) {
-  TORCH_CHECK_TYPE(counts.scalar_type() == c10::kLong, "counts has dtype ", counts.scalar_type(),
-                   "; expected int64");
-  TORCH_CHECK_VALUE(counts.dim() == 1 && static_cast<size_t>(counts.size(0)) == n,
-                    "counts has shape ", counts.sizes(), "; expected [", n, "] (one slot per tensor)");
-  TORCH_CHECK_VALUE(counts.is_contiguous(), "counts must be contiguous");
-  TORCH_CHECK_VALUE(counts.device() == dev, "counts is on ", counts.device(),
-                    " but the tensors are on ", dev);
+inline void check_counts(const Tensor& counts, size_t n, const Device& dev) {
+  AMP_CHECK_TYPE(counts.scalar_type() == ScalarType::Long, "counts has dtype ",
+                 amp_engine::name(counts.scalar_type()), "; expected int64");
+  AMP_CHECK_VALUE(counts.dim() == 1 && static_cast<size_t>(counts.size(0)) == n,
+                  "counts has shape ", shape(counts), "; expected [", n,
+                  "] (one slot per tensor)");
+  AMP_CHECK_VALUE(counts.is_contiguous(), "counts must be contiguous");
+  const Device d = counts.device();
+  AMP_CHECK_VALUE(same_device(d, dev), "counts is on ", amp_engine::name(d),
+                  " but the tensors are on ", amp_engine::name(dev));
 }
 
 // The checks shared by unscale_and_check_ / grad_norm_and_check on every
 // backend; returns the device (found_inf's for an empty list).
-inline c10::Device check_grad_check_args(at::TensorList grads, const at::Tensor& inv_scale,
-                                         const at::Tensor& found_inf,
-                                         const std::optional<at::Tensor>& counts) {
-  const c10::Device dev = grads.empty() ? found_inf.device() : check_tensor_list(grads, "grads");
-  check_scalar_tensor(inv_scale, "inv_scale", c10::kFloat, dev);
-  check_scalar_tensor(found_inf, "found_inf", c10::kFloat, dev);
+inline Device check_grad_check_args(const TensorList& grads, const Tensor& inv_scale,
+                                    const Tensor& found_inf, const OptTensor& counts) {
+  const Device dev = grads.empty() ? found_inf.device() : check_tensor_list(grads, "grads");
+  check_scalar_tensor(inv_scale, "inv_scale", ScalarType::Float, dev);
+  check_scalar_tensor(found_inf, "found_inf", ScalarType::Float, dev);
   if (counts.has_value() && counts->defined()) check_counts(*counts, grads.size(), dev);
   return dev;
 }
@@ -71,37 +81,37 @@ inline c10::Device check_grad_check_args(at::TensorList grads, const at::Tensor&
 // non-overlapping dense layout (permuted strides included). Other views are
 // replaced by contiguous copies; for in-place ops the caller copies them back.
 struct DenseList {
-  std::vector<at::Tensor> tensors;  // what the kernel sees
-  std::vector<size_t> copied;       // indices that are temporaries
+  TensorList tensors;          // what the kernel sees
+  std::vector<size_t> copied;  // indices that are temporaries
 };
 
-inline DenseList make_dense(at::TensorList ts) {
+inline DenseList make_dense(const TensorList& ts) {
   DenseList out;
   out.tensors.reserve(ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
-    if (ts[i].is_non_overlapping_and_dense()) {
+    if (ts[i].numel() == 0 || is_dense(ts[i])) {
       out.tensors.push_back(ts[i]);
     } else {
-      out.tensors.push_back(ts[i].contiguous());
+      out.tensors.push_back(torch::stable::contiguous(ts[i]));
       out.copied.push_back(i);
     }
   }
   return out;
 }
 
-inline void copy_back(at::TensorList originals, DenseList& dense) {
+inline void copy_back(const TensorList& originals, DenseList& dense) {
   for (size_t i : dense.copied) {
-    at::Tensor dst = originals[i];
-    dst.copy_(dense.tensors[i]);
+    Tensor dst = originals[i];
+    torch::stable::copy_(dst, dense.tensors[i]);
   }
 }
 
 // Indices of `ts` grouped by dtype, in first-seen order: one launch per group.
-inline std::vector<std::vector<size_t>> group_by_dtype(const std::vector<at::Tensor>& ts) {
+inline std::vector<std::vector<size_t>> group_by_dtype(const TensorList& ts) {
   std::vector<std::vector<size_t>> groups;
-  std::vector<c10::ScalarType> keys;
+  std::vector<ScalarType> keys;
   for (size_t i = 0; i < ts.size(); ++i) {
-    const auto st = ts[i].scalar_type();
+    const ScalarType st = ts[i].scalar_type();
     size_t g = 0;
     while (g < keys.size() && keys[g] != st) ++g;
     if (g == keys.size()) {
@@ -113,24 +123,27 @@ inline std::vector<std::vector<size_t>> group_by_dtype(const std::vector<at::Ten
   return groups;
 }
 
-inline void check_update_scale_args(const at::Tensor& scale, const at::Tensor& growth_tracker,
-                                    const at::Tensor& hysteresis_tracker,
-                                    const at::Tensor& found_inf, double growth_factor,
-                                    double backoff_factor, int64_t growth_interval,
-                                    int64_t hysteresis, double min_scale, double max_scale) {
-  const c10::Device dev = scale.device();
-  check_scalar_tensor(scale, "scale", c10::kFloat, dev);
-  check_scalar_tensor(growth_tracker, "growth_tracker", c10::kInt, dev);
-  check_scalar_tensor(hysteresis_tracker, "hysteresis_tracker", c10::kInt, dev);
-  check_scalar_tensor(found_inf, "found_inf", c10::kFloat, dev);
-  TORCH_CHECK_VALUE(growth_factor > 1.0, "growth_factor must be > 1, got ", growth_factor);
-  TORCH_CHECK_VALUE(backoff_factor > 0.0 && backoff_factor < 1.0,
-                    "backoff_factor must be in (0, 1), got ", backoff_factor);
-  TORCH_CHECK_VALUE(growth_interval >= 1, "growth_interval must be >= 1, got ", growth_interval);
-  TORCH_CHECK_VALUE(hysteresis >= 1, "hysteresis must be >= 1, got ", hysteresis);
-  TORCH_CHECK_VALUE(min_scale > 0.0, "min_scale must be > 0, got ", min_scale);
-  TORCH_CHECK_VALUE(max_scale >= min_scale, "max_scale (", max_scale,
-                    ") must be >= min_scale (", min_scale, ")");
+inline void check_update_scale_args(const Tensor& scale, const Tensor& growth_tracker,
+                                    const Tensor& hysteresis_tracker, const Tensor& found_inf,
+                                    double growth_factor, double backoff_factor,
+                                    int64_t growth_interval, int64_t hysteresis, double min_scale,
+                                    double max_scale) {
+  const Device dev = scale.device();
+  check_scalar_tensor(scale, "scale", ScalarType::Float, dev);
+  check_scalar_tensor(growth_tracker, "growth_tracker", ScalarType::Int, dev);
+  check_scalar_tensor(hysteresis_tracker, "hysteresis_tracker", ScalarType::Int, dev);
+  check_scalar_tensor(found_inf, "found_inf", ScalarType::Float, dev);
+  AMP_CHECK_VALUE(growth_factor > 1.0, "growth_factor must be > 1, got ", growth_factor);
+  AMP_CHECK_VALUE(backoff_factor > 0.0 && backoff_factor < 1.0,
+                  "backoff_factor must be in (0, 1), got ", backoff_factor);
+  AMP_CHECK_VALUE(growth_interval >= 1, "growth_interval must be >= 1, got ", growth_interval);
+  AMP_CHECK_VALUE(hysteresis >= 1, "hysteresis must be >= 1, got ", hysteresis);
+  // the refill value is stored in the int32 tracker
+  AMP_CHECK_VALUE(hysteresis <= INT32_MAX,
+                  "hysteresis must be <= 2147483647 (the tracker is int32), got ", hysteresis);
+  AMP_CHECK_VALUE(min_scale > 0.0, "min_scale must be > 0, got ", min_scale);
+  AMP_CHECK_VALUE(max_scale >= min_scale, "max_scale (", max_scale, ") must be >= min_scale (",
+                  min_scale, ")");
 }
 
 }  // namespace amp_engine

@@ -1,6 +1,12 @@
 // Every schema of the amp_engine op library, in one place. Kernels live in
-// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake kernels for torch.compile
-// are registered from Python (amp_engine/ops/dispatch.py).
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); their arithmetic in
+// csrc/math/, their argument checks in csrc/checks.h and csrc/optim_checks.h.
+// Fake kernels for torch.compile are registered from Python
+// (amp_engine/ops/dispatch.py and amp_engine/ops/optim_steps.py).
+//
+// The library is built on the LibTorch stable ABI only (torch/csrc/stable,
+// torch/headeronly), for TORCH_TARGET_VERSION 2.11: one build, made against any
+// torch from 2.11 on, loads and runs on every torch from 2.11 on.
 //
 // Conventions shared by every op (see DESIGN.md §2):
 //   * scalars that change during training (inv_scale, found_inf, scale, lr, ...)
@@ -8,19 +14,21 @@
 //   * found_inf is a flag: set to 1.0 when something is non-finite, never reset;
 //   * a tensor list may mix dtypes (one launch per dtype group), never devices.
 #include <Python.h>
-#include <torch/library.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/stable/library.h>
 
-extern "C" {
-// An importable, empty `amp_engine._C` module: importing it runs the static
-// registrations below (no pybind11, which keeps the build fast).
-PyObject* PyInit__C(void) {
+#include <tuple>
+
+#include "errors.h"
+#include "tensors.h"
+
+// An importable, empty `amp_engine._C` module (Python's limited API): importing
+// it runs the static registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
-}
 
-TORCH_LIBRARY(amp_engine, m) {
+STABLE_TORCH_LIBRARY(amp_engine, m) {
   // grads *= inv_scale in place; found_inf = 1 if any element is non-finite
   // before or after scaling; counts[i] += non-finite elements of grads[i].
   m.def(
@@ -37,7 +45,7 @@ TORCH_LIBRARY(amp_engine, m) {
       "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "
       "int hysteresis, float min_scale, float max_scale) -> ()");
 
-  // ---- fused optimizer steps (issue 4; owner: amp_engine/optim) ----------------
+  // ---- fused optimizer steps ------------------------------------------------------
   // One call updates a whole list of params on one device (one launch per dtype
   // group inside). Contract (the truth: amp_engine/ops/optim_reference.py):
   //   * found_inf (fp32, one element) != 0 -> nothing changes at all (params,
@@ -71,22 +79,42 @@ TORCH_LIBRARY(amp_engine, m) {
   // ---- end of fused optimizer steps -----------------------------------------------
 }
 
+namespace amp_engine {
 namespace {
 // Sparse grads would otherwise reach the dispatcher's "no kernel for SparseCPU"
 // NotImplementedError; name the argument instead, like every other bad input.
-void reject_sparse(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  TORCH_CHECK_VALUE(false, op.schema().name(),
-                    ": grads contains a sparse tensor (layout torch.sparse_*); only dense "
-                    "(strided) tensors are allowed (coalesce/densify sparse grads first)");
+[[noreturn]] void reject_sparse(const char* op) {
+  throw_value_error(detail::concat(
+      "amp_engine::", op,
+      ": grads contains a sparse tensor (layout torch.sparse_*); only dense (strided) tensors "
+      "are allowed (coalesce/densify sparse grads first)"));
+}
+
+void unscale_and_check_sparse(TensorList, Tensor, Tensor, OptTensor) {
+  reject_sparse("unscale_and_check_");
+}
+std::tuple<Tensor, Tensor> grad_norm_and_check_sparse(TensorList, Tensor, Tensor, OptTensor, bool) {
+  reject_sparse("grad_norm_and_check");
+}
+void adam_step_sparse(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
+                      TensorList, OptTensor, double, OptTensor, OptTensor, OptTensor, double,
+                      double, double, double, bool, bool, bool, bool) {
+  reject_sparse("adam_step_");
+}
+void sgd_step_sparse(TensorList, TensorList, TensorList, TensorList, TensorList, OptTensor,
+                     double, OptTensor, OptTensor, OptTensor, double, double, double, bool, bool,
+                     bool) {
+  reject_sparse("sgd_step_");
 }
 }  // namespace
+}  // namespace amp_engine
 
-#define AMP_ENGINE_REJECT_SPARSE(KEY)                                                       \
-  TORCH_LIBRARY_IMPL(amp_engine, KEY, m) {                                                  \
-    m.impl("unscale_and_check_", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>()); \
-    m.impl("grad_norm_and_check", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>()); \
-    m.impl("adam_step_", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>());          \
-    m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&reject_sparse>());           \
+#define AMP_ENGINE_REJECT_SPARSE(KEY)                                                    \
+  STABLE_TORCH_LIBRARY_IMPL(amp_engine, KEY, m) {                                        \
+    m.impl("unscale_and_check_", TORCH_BOX(&amp_engine::unscale_and_check_sparse));     \
+    m.impl("grad_norm_and_check", TORCH_BOX(&amp_engine::grad_norm_and_check_sparse));   \
+    m.impl("adam_step_", TORCH_BOX(&amp_engine::adam_step_sparse));                       \
+    m.impl("sgd_step_", TORCH_BOX(&amp_engine::sgd_step_sparse));                         \
   }
 AMP_ENGINE_REJECT_SPARSE(SparseCPU)
 AMP_ENGINE_REJECT_SPARSE(SparseCUDA)

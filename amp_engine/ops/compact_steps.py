@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from amp_engine.ops import dispatch, moments8
-from amp_engine.ops.optim_steps import _check_beta, _check_list, _device, _resolve_lr, check_step_args
+from amp_engine.ops.optim_steps import check_beta, check_list, device_of, resolve_lr, check_step_args
 from amp_engine.ops.validation import check_scalar_tensor
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,11 +107,11 @@ def adam_step_compact_(
     exp_avg_absmax, exp_avg_sq_absmax = list(exp_avg_absmax), list(exp_avg_sq_absmax)
     if not params:
         return
-    device = _device(params)
+    device = device_of(params)
     name = compact_backend(backend, device)
-    lr_tensor, lr_f = _resolve_lr(lr, device)
-    _check_beta("beta1", beta1)
-    _check_beta("beta2", beta2)
+    lr_tensor, lr_f = resolve_lr(lr, device)
+    check_beta("beta1", beta1)
+    check_beta("beta2", beta2)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if not weight_decay >= 0.0:

@@ -9,13 +9,14 @@
 // sums of squares) are therefore independent of the thread count, and summing
 // them in chunk order makes the result deterministic.
 #pragma once
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <vector>
+
+#include "tensors.h"
 
 namespace amp_engine::cpu {
 
@@ -43,27 +44,27 @@ struct GradSpans {
 enum DtypeSlot { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3, kNumSlots = 4 };
 using GradGroups = std::array<GradSpans, kNumSlots>;
 
-inline int dtype_slot(c10::ScalarType t) {
+inline int dtype_slot(ScalarType t) {
   switch (t) {
-    case c10::kFloat: return kF32;
-    case c10::kHalf: return kF16;
-    case c10::kBFloat16: return kBF16;
+    case ScalarType::Float: return kF32;
+    case ScalarType::Half: return kF16;
+    case ScalarType::BFloat16: return kBF16;
     default: return kF64;  // check_tensor_list admitted only these four
   }
 }
 
 // The non-empty tensors of `ts` as flat spans grouped by dtype, in one pass
-// over the TensorImpls and without copying any Tensor handle (with 10,000
-// grads these per-tensor costs are what remains of the host time). Returns
+// over the tensors and without copying any Tensor handle (with 10,000 grads
+// these per-tensor costs are what remains of the host time). Returns
 // false if some tensor is not dense: the caller densifies with make_dense
 // (checks.h) and collects again.
-inline bool collect_spans(at::TensorList ts, GradGroups& groups) {
+inline bool collect_spans(const TensorList& ts, GradGroups& groups) {
   groups = GradGroups{};
   for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
+    const Tensor& t = ts[i];
     const int64_t n = t.numel();
     if (n == 0) continue;
-    if (!t.is_non_overlapping_and_dense()) return false;
+    if (!is_dense(t)) return false;
     GradSpans& g = groups[dtype_slot(t.scalar_type())];
     if (g.spans.empty()) g.spans.reserve(ts.size() - i);  // one allocation for a one-dtype list
     g.spans.push_back({t.data_ptr(), n, g.total, g.chunks, static_cast<int64_t>(i)});
@@ -93,7 +94,7 @@ template <class Fn>
 void for_each_chunk(const GradSpans& g, const Fn& fn) {
   if (g.total == 0) return;
   const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), g.total / kMinElemsPerThread));
+      1, std::min<int64_t>(torch::stable::get_num_threads(), g.total / kMinElemsPerThread));
   auto run = [&](int64_t task) {
     const int64_t lo = snap_to_chunk(g, g.total / threads * task + g.total % threads * task / threads);
     const int64_t hi =
@@ -116,7 +117,7 @@ void for_each_chunk(const GradSpans& g, const Fn& fn) {
   }
   // One task per thread: torch's OpenMP backend hands each thread one
   // contiguous block of tasks, so this gives each thread one balanced range.
-  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+  torch::stable::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) run(task);
   });
 }

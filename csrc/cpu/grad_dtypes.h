@@ -14,8 +14,14 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__F16C__)
+#include "math/rounding.h"
+#include "math/unscale.h"
+
+// F16C (x86) converts 8 fp16 values per instruction; elsewhere the portable
+// conversions below give the same bits.
+#if defined(__x86_64__) && defined(__F16C__)
 #include <immintrin.h>
+#define AMP_ENGINE_F16C 1
 #endif
 
 // A portable x86-64 build (AMP_ENGINE_NATIVE=0: SSE2 only) gets AVX2 and
@@ -30,28 +36,13 @@
 
 namespace amp_engine::cpu {
 
-inline uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-inline float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint64_t bits_of(double d) {
-  uint64_t u;
-  std::memcpy(&u, &d, sizeof u);
-  return u;
-}
-
-// 1 if the exponent field is all ones (inf or NaN). Testing bits rather than
-// calling std::isfinite keeps the loops vectorizable and immune to -ffast-math.
-inline int32_t nonfinite(float f) { return (bits_of(f) & 0x7F800000u) == 0x7F800000u; }
-inline int64_t nonfinite(double d) {
-  return (bits_of(d) & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
-}
+using math::bf16_to_float;
+using math::bits_of;
+using math::float_of;
+using math::float_to_bf16;
+using math::kBf16OverflowBits;
+using math::kHalfOverflowBits;
+using math::nonfinite;
 
 // fp16 -> fp32, exact (FP16 library / c10 portable path: exponent rebias by a
 // power-of-two multiply, subnormals via a magic-number subtraction).
@@ -86,28 +77,12 @@ inline uint16_t float_to_half(float f) {
   return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign));
 }
 
-inline float bf16_to_float(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
-
-// fp32 -> bf16, round to nearest even (c10::BFloat16 rounding); NaN -> 0xFFFF
-// like torch's AVX2/AVX-512 conversion.
-inline uint16_t float_to_bf16(float f) {
-  const uint32_t u = bits_of(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : rounded);
-}
-
-// Smallest |fp32| that rounds to inf in the narrow type (max finite + half an
-// ulp: the tie goes to the even neighbour, inf). As bits, so one unsigned
-// compare of |u| also catches inf and NaN.
-constexpr uint32_t kHalfOverflowBits = 0x477FF000u;  // 65520.0f
-constexpr uint32_t kBf16OverflowBits = 0x7F7F8000u;  // bf16 max + half ulp
-
 // fp16 conversions of a block, with F16C when the build targets it (the
 // portable bit arithmetic costs ~2 cycles per element, which would make fp16
 // compute-bound; vcvtph2ps/vcvtps2ph give the same bits, NaN payloads included).
 inline void widen_half(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
-#if defined(__F16C__)
+#if defined(AMP_ENGINE_F16C)
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
@@ -120,7 +95,7 @@ inline void widen_half(const uint16_t* src, float* dst, int64_t n) {
 inline int64_t scale_half(uint16_t* p, int64_t n, float inv) {
   int64_t i = 0;
   int64_t bad = 0;
-#if defined(__F16C__)
+#if defined(AMP_ENGINE_F16C)
   const __m256 v_inv = _mm256_set1_ps(inv);
   const __m128i exp_mask = _mm_set1_epi16(0x7C00);
   while (i + 8 <= n) {
@@ -140,9 +115,9 @@ inline int64_t scale_half(uint16_t* p, int64_t n, float inv) {
   }
 #endif
   for (; i < n; ++i) {
-    const uint16_t r = float_to_half(half_to_float(p[i]) * inv);
-    p[i] = r;
-    bad += (r & 0x7C00u) == 0x7C00u;
+    const float u = math::unscaled(half_to_float(p[i]), inv);
+    p[i] = float_to_half(u);
+    bad += math::bad_f16(u);
   }
   return bad;
 }

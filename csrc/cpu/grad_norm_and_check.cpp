@@ -9,9 +9,10 @@
 // double's mantissa) in 16 fixed lanes per chunk. Chunk sums land in a
 // per-chunk array and are added per tensor in chunk order, so the result does
 // not depend on the thread count or on how the data happens to be aligned.
-#include <ATen/EmptyTensor.h>
-#include <ATen/core/Tensor.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -26,12 +27,16 @@
 #include "cpu/grad_chunks.h"
 #include "cpu/grad_dtypes.h"
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__) && defined(__AVX512F__)
 #include <immintrin.h>
+#define AMP_ENGINE_AVX512 1
 #endif
 
 namespace amp_engine::cpu {
 namespace {
+
+using Half = torch::headeronly::Half;
+using BFloat16 = torch::headeronly::BFloat16;
 
 struct ChunkSum {
   double sumsq;
@@ -63,18 +68,18 @@ inline void load(V& v, const T* p) {
 
 inline float widen(float x) { return x; }
 inline double widen(double x) { return x; }
-inline float widen(c10::Half x) { return half_to_float(x.x); }
-inline float widen(c10::BFloat16 x) { return bf16_to_float(x.x); }
+inline float widen(Half x) { return half_to_float(x.x); }
+inline float widen(BFloat16 x) { return bf16_to_float(x.x); }
 
-#if defined(__AVX512F__)
+#if defined(AMP_ENGINE_AVX512)
 // Eight grads widened to fp32 in a register.
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 widen8(const c10::BFloat16* p) {
+inline __m256 widen8(const BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline __m256 widen8(const c10::Half* p) {
-#if defined(__F16C__)
+inline __m256 widen8(const Half* p) {
+#if defined(AMP_ENGINE_F16C)
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   return _mm256_setr_ps(widen(p[0]), widen(p[1]), widen(p[2]), widen(p[3]), widen(p[4]),
@@ -90,7 +95,7 @@ struct LaneSums {
   // Squares of the unscaled p[0, 16) into the 16 lanes (fp32/fp16/bf16 grads).
   template <class T>
   void add16(const T* p, float inv) {
-#if defined(__AVX512F__)
+#if defined(AMP_ENGINE_AVX512)
     // Intrinsics: GCC 12 splits __builtin_convertvector(f32x8 -> f64x8) into
     // 128-bit pieces. The maskz forms avoid its spurious -Wmaybe-uninitialized.
     const __m256 v_inv = _mm256_set1_ps(inv);
@@ -151,29 +156,29 @@ uint16_t max_magnitude(const uint16_t* __restrict p, int64_t n) {
 // applies to the value it stores.
 int64_t count_bad(const float* p, int64_t n, float inv) {
   int64_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad += nonfinite(p[i] * inv);
+  for (int64_t i = 0; i < n; ++i) bad += math::bad_f32(math::unscaled(p[i], inv));
   return bad;
 }
 
 int64_t count_bad(const double* p, int64_t n, double inv) {
   int64_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) bad += nonfinite(p[i] * inv);
+  for (int64_t i = 0; i < n; ++i) bad += math::bad_f64(math::unscaled(p[i], inv));
   return bad;
 }
 
 // fp16/bf16: u (fp32) would round to inf/NaN in the grad's dtype.
-int64_t count_bad(const c10::Half* p, int64_t n, float inv) {
+int64_t count_bad(const Half* p, int64_t n, float inv) {
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    bad += (bits_of(half_to_float(p[i].x) * inv) & 0x7FFFFFFFu) >= kHalfOverflowBits;
+    bad += math::bad_f16(math::unscaled(half_to_float(p[i].x), inv));
   }
   return bad;
 }
 
-int64_t count_bad(const c10::BFloat16* p, int64_t n, float inv) {
+int64_t count_bad(const BFloat16* p, int64_t n, float inv) {
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    bad += (bits_of(bf16_to_float(p[i].x) * inv) & 0x7FFFFFFFu) >= kBf16OverflowBits;
+    bad += math::bad_bf16(math::unscaled(bf16_to_float(p[i].x), inv));
   }
   return bad;
 }
@@ -216,11 +221,11 @@ __attribute__((always_inline)) inline ChunkSum chunk_sum_16bit(const T* p, int64
   return {sums.sum(), flagged ? count_bad(p, n, inv) : 0};
 }
 
-AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const c10::Half* p, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const Half* p, int64_t n, float inv) {
   return chunk_sum_16bit(p, n, inv, half_to_float, kHalfOverflowBits);
 }
 
-AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const c10::BFloat16* p, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES ChunkSum chunk_sum(const BFloat16* p, int64_t n, float inv) {
   return chunk_sum_16bit(p, n, inv, bf16_to_float, kBf16OverflowBits);
 }
 
@@ -248,14 +253,14 @@ bool norm_group(const GradSpans& g, Inv inv, int64_t* counts, std::vector<double
   return any_bad.load(std::memory_order_relaxed);
 }
 
-std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cpu(
-    at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
-    const std::optional<at::Tensor>& counts, bool per_tensor) {
-  const c10::Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
+std::tuple<Tensor, Tensor> grad_norm_and_check_cpu(TensorList grads, Tensor inv_scale,
+                                                   Tensor found_inf, OptTensor counts,
+                                                   bool per_tensor) {
+  check_grad_check_args(grads, inv_scale, found_inf, counts);
   const bool has_counts = counts.has_value() && counts->defined();
 
-  const float inv = *inv_scale.const_data_ptr<float>();
-  int64_t* counts_data = has_counts ? counts->mutable_data_ptr<int64_t>() : nullptr;
+  const float inv = *ptr<const float>(inv_scale);
+  int64_t* counts_data = has_counts ? ptr<int64_t>(*counts) : nullptr;
 
   // Non-dense views (rare) are read from contiguous copies (read-only: no copy_back).
   DenseList dense;
@@ -268,20 +273,20 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cpu(
   std::vector<double> chunk_sumsq;
   const bool any_bad =
       norm_group<float>(groups[kF32], inv, counts_data, chunk_sumsq, sumsq) |
-      norm_group<c10::Half>(groups[kF16], inv, counts_data, chunk_sumsq, sumsq) |
-      norm_group<c10::BFloat16>(groups[kBF16], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<Half>(groups[kF16], inv, counts_data, chunk_sumsq, sumsq) |
+      norm_group<BFloat16>(groups[kBF16], inv, counts_data, chunk_sumsq, sumsq) |
       norm_group<double>(groups[kF64], static_cast<double>(inv), counts_data, chunk_sumsq, sumsq);
-  if (any_bad) *found_inf.mutable_data_ptr<float>() = 1.0f;
+  if (any_bad) *ptr<float>(found_inf) = 1.0f;
 
-  // Allocated directly (no dispatcher round trip: ~1 us of the op's fixed cost).
-  at::Tensor total = at::detail::empty_cpu({}, c10::kFloat);
-  at::Tensor per =
-      at::detail::empty_cpu({per_tensor ? static_cast<int64_t>(grads.size()) : 0}, c10::kFloat);
+  const std::vector<int64_t> scalar_shape{};
+  const std::vector<int64_t> per_shape{per_tensor ? static_cast<int64_t>(grads.size()) : 0};
+  Tensor total = torch::stable::new_empty(found_inf, scalar_shape, ScalarType::Float);
+  Tensor per = torch::stable::new_empty(found_inf, per_shape, ScalarType::Float);
   double sum = 0.0;  // tensor order, as the reference sums its per-tensor vector
   for (double s : sumsq) sum += s;
-  *total.mutable_data_ptr<float>() = static_cast<float>(std::sqrt(sum));
+  *ptr<float>(total) = static_cast<float>(std::sqrt(sum));
   if (per_tensor) {
-    float* out = per.mutable_data_ptr<float>();
+    float* out = ptr<float>(per);
     for (size_t i = 0; i < sumsq.size(); ++i) out[i] = static_cast<float>(std::sqrt(sumsq[i]));
   }
   return {total, per};
@@ -290,6 +295,6 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cpu(
 }  // namespace
 }  // namespace amp_engine::cpu
 
-TORCH_LIBRARY_IMPL(amp_engine, CPU, m) {
-  m.impl("grad_norm_and_check", &amp_engine::cpu::grad_norm_and_check_cpu);
+STABLE_TORCH_LIBRARY_IMPL(amp_engine, CPU, m) {
+  m.impl("grad_norm_and_check", TORCH_BOX(&amp_engine::cpu::grad_norm_and_check_cpu));
 }

@@ -8,8 +8,9 @@
 // narrowing keeps them. Per tensor the count goes to counts[i] (integer atomics,
 // so the result is exact whatever the thread split); found_inf is only set,
 // never cleared, and only by the calling thread after the parallel region.
-#include <ATen/core/Tensor.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <atomic>
 #include <cstdint>
@@ -22,14 +23,17 @@
 namespace amp_engine::cpu {
 namespace {
 
+using Half = torch::headeronly::Half;
+using BFloat16 = torch::headeronly::BFloat16;
+
 // Each returns the number of non-finite elements among p[0, n), n <= kChunk
 // (so an int32 lane count cannot overflow and the loops stay 32-bit wide).
 AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(float* __restrict p, int64_t n, float inv) {
   int32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float u = p[i] * inv;
+    const float u = math::unscaled(p[i], inv);
     p[i] = u;
-    bad += nonfinite(u);
+    bad += math::bad_f32(u);
   }
   return bad;
 }
@@ -37,25 +41,24 @@ AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(float* __restrict p, int64_t n, floa
 AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(double* __restrict p, int64_t n, double inv) {
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double u = p[i] * inv;
+    const double u = math::unscaled(p[i], inv);
     p[i] = u;
-    bad += nonfinite(u);
+    bad += math::bad_f64(u);
   }
   return bad;
 }
 
-AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(c10::Half* p16, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(Half* p16, int64_t n, float inv) {
   return scale_half(reinterpret_cast<uint16_t*>(p16), n, inv);
 }
 
-AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(c10::BFloat16* p16, int64_t n, float inv) {
+AMP_ENGINE_ISA_CLONES int64_t unscale_chunk(BFloat16* p16, int64_t n, float inv) {
   uint16_t* __restrict p = reinterpret_cast<uint16_t*>(p16);
   int32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float u = bf16_to_float(p[i]) * inv;
+    const float u = math::unscaled(bf16_to_float(p[i]), inv);
     p[i] = float_to_bf16(u);
-    // rounds to inf/NaN: tested on |u| (one compare beside the NaN test inside)
-    bad += (bits_of(u) & 0x7FFFFFFFu) >= kBf16OverflowBits;
+    bad += math::bad_bf16(u);
   }
   return bad;
 }
@@ -76,13 +79,13 @@ bool unscale_group(const GradSpans& g, Inv inv, int64_t* counts) {
   return any_bad.load(std::memory_order_relaxed);
 }
 
-void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale,
-                           const at::Tensor& found_inf, const std::optional<at::Tensor>& counts) {
+void unscale_and_check_cpu(TensorList grads, Tensor inv_scale, Tensor found_inf,
+                           OptTensor counts) {
   check_grad_check_args(grads, inv_scale, found_inf, counts);
   const bool has_counts = counts.has_value() && counts->defined();
 
-  const float inv = *inv_scale.const_data_ptr<float>();
-  int64_t* counts_data = has_counts ? counts->mutable_data_ptr<int64_t>() : nullptr;
+  const float inv = *ptr<const float>(inv_scale);
+  int64_t* counts_data = has_counts ? ptr<int64_t>(*counts) : nullptr;
 
   // Non-dense views (rare) are processed as contiguous copies, copied back below.
   DenseList dense;
@@ -92,17 +95,17 @@ void unscale_and_check_cpu(at::TensorList grads, const at::Tensor& inv_scale,
     collect_spans(dense.tensors, groups);
   }
   const bool any_bad = unscale_group<float>(groups[kF32], inv, counts_data) |
-                       unscale_group<c10::Half>(groups[kF16], inv, counts_data) |
-                       unscale_group<c10::BFloat16>(groups[kBF16], inv, counts_data) |
+                       unscale_group<Half>(groups[kF16], inv, counts_data) |
+                       unscale_group<BFloat16>(groups[kBF16], inv, counts_data) |
                        // fp64 grads are scaled in fp64 by the exactly widened inv_scale
                        unscale_group<double>(groups[kF64], static_cast<double>(inv), counts_data);
   copy_back(grads, dense);
-  if (any_bad) *found_inf.mutable_data_ptr<float>() = 1.0f;
+  if (any_bad) *ptr<float>(found_inf) = 1.0f;
 }
 
 }  // namespace
 }  // namespace amp_engine::cpu
 
-TORCH_LIBRARY_IMPL(amp_engine, CPU, m) {
-  m.impl("unscale_and_check_", &amp_engine::cpu::unscale_and_check_cpu);
+STABLE_TORCH_LIBRARY_IMPL(amp_engine, CPU, m) {
+  m.impl("unscale_and_check_", TORCH_BOX(&amp_engine::cpu::unscale_and_check_cpu));
 }

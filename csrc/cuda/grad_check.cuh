@@ -2,6 +2,10 @@
 // per-element unscale arithmetic and non-finite test (amp_engine/ops/reference.py
 // is the contract), the walk over one chunk, the per-block report of
 // non-finite elements, the argument checks and the dtype dispatch.
+// What unscale_and_check_ and grad_norm_and_check share on CUDA: the element
+// rule of csrc/math/unscale.h (the code the CPU kernels run) applied to each
+// grad dtype, the walk over one chunk, the per-block report of non-finite
+// elements, the argument checks and the dtype dispatch.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,46 +14,36 @@
 
 #include "checks.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "math/rounding.h"
+#include "math/unscale.h"
 
 namespace amp_engine {
 namespace cuda {
-
-// Bit tests rather than isfinite(): immune to fast-math flags.
-__device__ __forceinline__ bool is_finite(float x) {
-  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
-}
-__device__ __forceinline__ bool is_finite(double x) {
-  return (__double_as_longlong(x) & 0x7ff0000000000000ll) != 0x7ff0000000000000ll;
-}
 
 // g <- g * inv_scale rounded to g's dtype; `bad` += 1 if g was non-finite
 // before or is after. Returns the unscaled value in the compute type (fp32, or
 // fp64 for fp64 grads), unrounded: the norm is taken of that value.
 __device__ __forceinline__ float unscale(float& g, float inv_scale, int& bad) {
-  const float u = g * inv_scale;
-  bad += !(is_finite(g) && is_finite(u));
+  const float u = math::unscaled(g, inv_scale);
+  bad += math::bad_f32(u);
   g = u;
   return u;
 }
 __device__ __forceinline__ float unscale(__half& g, float inv_scale, int& bad) {
-  const float gf = __half2float(g);
-  const float u = gf * inv_scale;
-  const __half r = __float2half_rn(u);  // RNE, overflows to inf like torch's .to(fp16)
-  bad += !(is_finite(gf) && is_finite(__half2float(r)));
-  g = r;
+  const float u = math::unscaled(__half2float(g), inv_scale);
+  bad += math::bad_f16(u);
+  g = __float2half_rn(u);  // RNE, overflows to inf like torch's .to(fp16)
   return u;
 }
 __device__ __forceinline__ float unscale(__nv_bfloat16& g, float inv_scale, int& bad) {
-  const float gf = __bfloat162float(g);
-  const float u = gf * inv_scale;
-  const __nv_bfloat16 r = __float2bfloat16_rn(u);
-  bad += !(is_finite(gf) && is_finite(__bfloat162float(r)));
-  g = r;
+  const float u = math::unscaled(math::bf16_to_float(__bfloat16_as_ushort(g)), inv_scale);
+  bad += math::bad_bf16(u);
+  g = __ushort_as_bfloat16(math::float_to_bf16(u));
   return u;
 }
 __device__ __forceinline__ double unscale(double& g, float inv_scale, int& bad) {
-  const double u = g * static_cast<double>(inv_scale);
-  bad += !(is_finite(g) && is_finite(u));
+  const double u = math::unscaled(g, static_cast<double>(inv_scale));
+  bad += math::bad_f64(u);
   g = u;
   return u;
 }
@@ -108,30 +102,39 @@ __device__ __forceinline__ void report_non_finite(int bad, int32_t tensor_index,
 }
 
 // The shared checks (checks.h) plus: this kernel runs CUDA tensors only.
-inline c10::Device check_cuda_grad_check_args(at::TensorList grads, const at::Tensor& inv_scale,
-                                              const at::Tensor& found_inf,
-                                              const std::optional<at::Tensor>& counts) {
-  const c10::Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
-  TORCH_CHECK_VALUE(dev.is_cuda(), "the CUDA kernel got tensors on ", dev);
+inline Device check_cuda_grad_check_args(const TensorList& grads, const Tensor& inv_scale,
+                                         const Tensor& found_inf, const OptTensor& counts) {
+  const Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
+  check_cuda(dev);
   return dev;
 }
 
-inline unsigned long long* counts_ptr(const std::optional<at::Tensor>& counts) {
+inline unsigned long long* counts_ptr(const OptTensor& counts) {
   if (!counts.has_value() || !counts->defined()) return nullptr;
   // int64 slots, added to as unsigned 64-bit: two's complement makes it the same sum.
-  return reinterpret_cast<unsigned long long*>(counts->data_ptr<int64_t>());
+  return ptr<unsigned long long>(*counts);
+}
+
+// The dense grads of a call as a one-list launch table (row i = grads[i]).
+inline LaunchTable<1> grad_table(const TensorList& dense) {
+  LaunchTable<1> table;
+  for (size_t i = 0; i < dense.size(); ++i) {
+    table.add({dense[i].data_ptr()}, dense[i].numel(), static_cast<int32_t>(i));
+  }
+  return table;
 }
 
 // fn(T{}) with T the device type of a grad dtype.
 template <typename Fn>
-void dispatch_grad_dtype(c10::ScalarType dtype, Fn&& fn) {
+void dispatch_grad_dtype(ScalarType dtype, Fn&& fn) {
   switch (dtype) {
-    case c10::kFloat: fn(float{}); break;
-    case c10::kHalf: fn(__half{}); break;
-    case c10::kBFloat16: fn(__nv_bfloat16{}); break;
-    case c10::kDouble: fn(double{}); break;
+    case ScalarType::Float: fn(float{}); break;
+    case ScalarType::Half: fn(__half{}); break;
+    case ScalarType::BFloat16: fn(__nv_bfloat16{}); break;
+    case ScalarType::Double: fn(double{}); break;
     default:
-      TORCH_CHECK_TYPE(false, "grads has dtype ", dtype, "; allowed: float32, float16, bfloat16, float64");
+      AMP_CHECK_TYPE(false, "grads has dtype ", name(dtype),
+                     "; allowed: float32, float16, bfloat16, float64");
   }
 }
 

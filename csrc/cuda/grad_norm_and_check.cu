@@ -4,15 +4,25 @@
 //
 // Reproducible by construction (no float atomics): every chunk writes its sum
 // of squares (fp64, as the reference accumulates) into its own workspace slot;
-// then one block per tensor sums that tensor's slots, and one block sums the
-// tensors and takes the square roots. Every sum runs in a fixed order.
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <ATen/ops/empty.h>
+// the last chunk of a tensor to finish (an integer counter decides which) sums
+// that tensor's slots in a fixed order, in the same launch; one block then sums
+// the tensors and takes the square roots. Launches: the multi-tensor sequence
+// (one per ~320 chunks) and one finishing block, whatever the tensor count.
+//
+// The workspace is cached per (device, stream) and reused: no allocation per
+// call beyond the two outputs. Its per-tensor sums and counters are left at
+// zero by the kernels themselves, so it needs no clearing between calls (and a
+// CUDA graph that captured it replays correctly). It grows, outside capture
+// only: a call that would need a larger one during capture raises "warm up
+// before capture". A grown-out buffer is kept alive, as a captured graph may
+// still use it.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "cuda/grad_check.cuh"
 
@@ -22,12 +32,19 @@ namespace {
 
 constexpr int kReduceThreads = 256;
 
+// Views into the workspace bytes.
+struct Workspace {
+  double* partials;     // one slot per chunk, indexed by ChunkRef::block
+  double* sumsq;        // one per tensor; zero outside a call
+  unsigned* arrivals;   // chunks of the tensor finished; zero outside a call
+};
+
 template <typename T>
 struct SumSquaresFunctor {
   const float* inv_scale;
   float* found_inf;
   unsigned long long* counts;  // nullable
-  double* partials;            // one slot per chunk, indexed by ChunkRef::block
+  Workspace ws;
 
   __device__ void operator()(const ChunkRef<1>& chunk) const {
     const float inv = *inv_scale;
@@ -39,39 +56,43 @@ struct SumSquaresFunctor {
     };
     for_each_element</*kWrite=*/false>(static_cast<T*>(chunk.base[0]) + chunk.begin, chunk.size, op);
     sumsq = block_reduce_sum(sumsq);
-    if (threadIdx.x == 0) partials[chunk.block] = sumsq;
     report_non_finite(bad, chunk.tensor_index, found_inf, counts);
+
+    const int64_t n_chunks = num_chunks(chunk.numel);
+    if (n_chunks == 1) {  // the common small tensor: its sum is this chunk's
+      if (threadIdx.x == 0) ws.sumsq[chunk.tensor_index] = sumsq;
+      return;
+    }
+    __shared__ bool last;
+    if (threadIdx.x == 0) {
+      ws.partials[chunk.block] = sumsq;
+      __threadfence();  // the slot is visible before the counter says so
+      const unsigned done = atomicAdd(ws.arrivals + chunk.tensor_index, 1u);
+      last = done + 1 == static_cast<unsigned>(n_chunks);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // The tensor's chunks are consecutive ordinals; summed in a fixed order.
+    const int64_t first = chunk.block - chunk.begin / kChunkSize;
+    double acc = 0.0;
+    for (int64_t i = threadIdx.x; i < n_chunks; i += blockDim.x) acc += __ldcg(ws.partials + first + i);
+    acc = block_reduce_sum(acc);
+    if (threadIdx.x == 0) {
+      ws.sumsq[chunk.tensor_index] = acc;
+      ws.arrivals[chunk.tensor_index] = 0u;  // ready for the next call
+    }
   }
 };
 
-// Per-tensor chunk ranges of up to kRangeTensors tensors, by value (no copy
-// to the device). Tensor first_tensor + b owns partials[first_chunk[b] ..
-// first_chunk[b] + num_chunks[b]).
-constexpr int kRangeTensors = 240;
-struct ChunkRanges {
-  int64_t first_chunk[kRangeTensors];
-  int32_t num_chunks[kRangeTensors];
-  int32_t first_tensor;
-};
-static_assert(sizeof(ChunkRanges) + 2 * sizeof(void*) <= kMaxKernelParamBytes, "ChunkRanges > 4 KB");
-
+// One block: total = sqrt(sum of all sumsq), per[i] = sqrt(sumsq[i]) (per
+// nullable), sumsq left at zero. sqrt in fp64, rounded to fp32, as the reference.
 __global__ void __launch_bounds__(kReduceThreads)
-    sum_chunks_per_tensor(const ChunkRanges ranges, const double* partials, double* sumsq) {
-  const double* p = partials + ranges.first_chunk[blockIdx.x];
-  const int n = ranges.num_chunks[blockIdx.x];
-  double acc = 0.0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += p[i];
-  acc = block_reduce_sum(acc);
-  if (threadIdx.x == 0) sumsq[ranges.first_tensor + blockIdx.x] = acc;
-}
-
-// One block: total = sqrt(sum of all sumsq), per[i] = sqrt(sumsq[i]) (per nullable).
-// sqrt in fp64, then rounded to fp32, as the reference does.
-__global__ void __launch_bounds__(kReduceThreads)
-    finish_norms(const double* sumsq, int64_t n, float* total, float* per) {
+    finish_norms(double* sumsq, int64_t n, float* total, float* per) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const double s = sumsq[i];
+    sumsq[i] = 0.0;
     acc += s;
     if (per != nullptr) per[i] = static_cast<float>(sqrt(s));
   }
@@ -79,63 +100,101 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (threadIdx.x == 0) *total = static_cast<float>(sqrt(acc));
 }
 
-std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cuda(
-    at::TensorList grads, const at::Tensor& inv_scale, const at::Tensor& found_inf,
-    const std::optional<at::Tensor>& counts, bool per_tensor) {
-  const c10::Device dev = check_cuda_grad_check_args(grads, inv_scale, found_inf, counts);
-  const c10::cuda::CUDAGuard guard(dev);
+// ---------------------------------------------------------------- workspace cache
+struct CachedWorkspace {
+  int device;
+  cudaStream_t stream;
+  Tensor* buffer;  // never freed (see the file comment); nullptr until first use
+  int64_t n_chunks, n_tensors;
+};
+
+std::mutex& cache_mutex() {
+  static std::mutex m;
+  return m;
+}
+// Leaked on purpose: tensors must not be released by static destructors after
+// torch's allocator is gone at exit.
+std::vector<CachedWorkspace>& cache() {
+  static auto* c = new std::vector<CachedWorkspace>();
+  return *c;
+}
+
+int64_t workspace_bytes(int64_t n_chunks, int64_t n_tensors) {
+  return (n_chunks + n_tensors) * static_cast<int64_t>(sizeof(double)) +
+         n_tensors * static_cast<int64_t>(sizeof(unsigned));
+}
+
+Workspace get_workspace(const Device& dev, cudaStream_t stream, int64_t n_chunks,
+                        int64_t n_tensors) {
+  const std::lock_guard<std::mutex> lock(cache_mutex());
+  CachedWorkspace* entry = nullptr;
+  for (auto& e : cache()) {
+    if (e.device == dev.index() && e.stream == stream) entry = &e;
+  }
+  if (entry == nullptr) {
+    cache().push_back({dev.index(), stream, nullptr, 0, 0});
+    entry = &cache().back();
+  }
+  if (entry->buffer == nullptr || entry->n_chunks < n_chunks || entry->n_tensors < n_tensors) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+    STD_TORCH_CHECK(err == cudaSuccess, "cudaStreamIsCapturing failed: ", cudaGetErrorString(err));
+    STD_TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+                    "amp_engine::grad_norm_and_check: warm up before capture: its workspace for ",
+                    n_tensors, " tensors in ", n_chunks, " chunks would have to grow while the "
+                    "stream is being captured into a CUDA graph (allocating then is unsafe). Run "
+                    "the step once eagerly with the same grads before capturing it.");
+    // Grown geometrically, so a slowly growing model reallocates rarely.
+    const int64_t chunks = std::max(n_chunks, 2 * entry->n_chunks);
+    const int64_t tensors = std::max(n_tensors, 2 * entry->n_tensors);
+    const std::vector<int64_t> size{workspace_bytes(chunks, tensors)};
+    Tensor fresh = torch::stable::empty(size, ScalarType::Byte, Layout::Strided, dev);
+    const cudaError_t set = cudaMemsetAsync(fresh.data_ptr(), 0, size[0], stream);
+    STD_TORCH_CHECK(set == cudaSuccess, "cudaMemsetAsync failed: ", cudaGetErrorString(set));
+    entry->buffer = new Tensor(std::move(fresh));  // the old one stays alive (graphs)
+    entry->n_chunks = chunks;
+    entry->n_tensors = tensors;
+  }
+  char* base = static_cast<char*>(entry->buffer->data_ptr());
+  double* partials = reinterpret_cast<double*>(base);
+  double* sumsq = partials + entry->n_chunks;
+  unsigned* arrivals = reinterpret_cast<unsigned*>(sumsq + entry->n_tensors);
+  return {partials, sumsq, arrivals};
+}
+
+std::tuple<Tensor, Tensor> grad_norm_and_check_cuda(TensorList grads, Tensor inv_scale,
+                                                    Tensor found_inf, OptTensor counts,
+                                                    bool per_tensor) {
+  const Device dev = check_cuda_grad_check_args(grads, inv_scale, found_inf, counts);
+  const DeviceGuard guard(dev.index());
+  const cudaStream_t stream = current_stream(dev);
   const int64_t n = static_cast<int64_t>(grads.size());
-  const auto f32 = found_inf.options().dtype(c10::kFloat);
-  at::Tensor total = at::empty({}, f32);
-  at::Tensor per = at::empty({per_tensor ? n : 0}, f32);
+  const std::vector<int64_t> scalar_shape{};
+  const std::vector<int64_t> per_shape{per_tensor ? n : 0};
+  Tensor total = torch::stable::new_empty(found_inf, scalar_shape, ScalarType::Float);
+  Tensor per = torch::stable::new_empty(found_inf, per_shape, ScalarType::Float);
 
   const DenseList dense = make_dense(grads);  // read-only: copies need no copy-back
   const auto groups = group_by_dtype(dense.tensors);
-  // Chunks are numbered in visiting order (groups in order, tensors in group
-  // order), so each tensor's chunks are one contiguous run of partials.
-  std::vector<int64_t> first_chunk(n);
+  const LaunchTable<1> table = grad_table(dense.tensors);
   int64_t n_chunks = 0;
-  for (const auto& group : groups) {
-    for (const size_t i : group) {
-      first_chunk[i] = n_chunks;
-      n_chunks += num_chunks(dense.tensors[i].numel());
-    }
-  }
-  at::Tensor workspace = at::empty({n_chunks + n}, found_inf.options().dtype(c10::kDouble));
-  double* partials = workspace.data_ptr<double>();
-  double* sumsq = partials + n_chunks;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (const int64_t numel : table.numel) n_chunks += num_chunks(numel);
+  const Workspace ws = get_workspace(dev, stream, n_chunks, n);
 
-  const std::array<at::TensorList, 1> lists{at::TensorList(dense.tensors)};
   int64_t visited = 0;
   for (const auto& group : groups) {
     dispatch_grad_dtype(dense.tensors[group[0]].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const SumSquaresFunctor<T> functor{inv_scale.data_ptr<float>(), found_inf.data_ptr<float>(),
-                                         counts_ptr(counts), partials};
-      visited = multi_tensor_apply<1>(lists, group, functor, visited);
+      const SumSquaresFunctor<T> functor{ptr<const float>(inv_scale), ptr<float>(found_inf),
+                                         counts_ptr(counts), ws};
+      visited = multi_tensor_apply<1>(table, group, functor, stream, visited);
     });
   }
-  TORCH_INTERNAL_ASSERT(visited == n_chunks, "grad_norm_and_check: visited ", visited,
-                        " chunks, expected ", n_chunks);
-
-  // Every tensor (empty ones too: sum 0) gets its sumsq slot written here.
-  ChunkRanges ranges{};
-  for (int64_t start = 0; start < n; start += kRangeTensors) {
-    const int64_t count = std::min<int64_t>(kRangeTensors, n - start);
-    for (int64_t b = 0; b < count; ++b) {
-      const int64_t i = start + b;
-      ranges.first_chunk[b] = first_chunk[i];
-      ranges.num_chunks[b] = static_cast<int32_t>(num_chunks(dense.tensors[i].numel()));
-    }
-    ranges.first_tensor = static_cast<int32_t>(start);
-    sum_chunks_per_tensor<<<static_cast<unsigned>(count), kReduceThreads, 0, stream>>>(
-        ranges, partials, sumsq);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  finish_norms<<<1, kReduceThreads, 0, stream>>>(sumsq, n, total.data_ptr<float>(),
-                                                  per_tensor ? per.data_ptr<float>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_TORCH_CHECK(visited == n_chunks, "grad_norm_and_check: visited ", visited,
+                  " chunks, expected ", n_chunks);
+  finish_norms<<<1, kReduceThreads, 0, stream>>>(ws.sumsq, n, ptr<float>(total),
+                                                  per_tensor ? ptr<float>(per) : nullptr);
+  check_launch("finish_norms");
   return {total, per};
 }
 
@@ -143,6 +202,6 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_and_check_cuda(
 }  // namespace cuda
 }  // namespace amp_engine
 
-TORCH_LIBRARY_IMPL(amp_engine, CUDA, m) {
-  m.impl("grad_norm_and_check", &amp_engine::cuda::grad_norm_and_check_cuda);
+STABLE_TORCH_LIBRARY_IMPL(amp_engine, CUDA, m) {
+  m.impl("grad_norm_and_check", TORCH_BOX(&amp_engine::cuda::grad_norm_and_check_cuda));
 }

@@ -13,18 +13,16 @@
 // everywhere; a static_assert guards it). Chunk offsets are int64, so tensors
 // of any size are safe.
 //
-// Usage: call under a c10::cuda::CUDAGuard for the tensors' device; launches go
-// to the current stream. A functor is a trivially copyable struct with
+// Usage: call under a DeviceGuard for the tensors' device with its current
+// stream (runtime.cuh). A functor is a trivially copyable struct with
 //   __device__ void operator()(const ChunkRef<kDepth>& chunk) const;
 // that every thread of the block calls (so it may use __syncthreads()).
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <array>
 #include <cstdint>
 #include <vector>
+
+#include "cuda/runtime.cuh"
 
 namespace amp_engine {
 namespace cuda {
@@ -37,7 +35,8 @@ constexpr int kMaxKernelParamBytes = 4096;
 // Tensors per launch for `depth` parallel lists (grads; params+grads; ...):
 // fewer when each tensor needs more addresses, to stay within 4 KB.
 constexpr int max_tensors_for_depth(int depth) {
-  return depth == 1 ? 110 : depth == 2 ? 64 : depth == 3 ? 48 : depth == 4 ? 36 : 30;
+  return depth == 1 ? 110 : depth == 2 ? 64 : depth == 3 ? 48 : depth == 4 ? 36
+       : depth <= 6 ? 30 : 26;
 }
 
 template <int kDepth>
@@ -57,7 +56,9 @@ struct ChunkRef {
   void* base[kDepth];    // the tensor's first element, per list (cast to its dtype)
   int64_t begin;         // first element of this chunk
   int64_t size;          // elements in this chunk, 1..kChunkSize
-  int64_t block;         // ordinal of this chunk among all chunks of the call
+  int64_t numel;         // elements in the whole tensor
+  int64_t block;         // ordinal of this chunk among all chunks of the call (a
+                         // tensor's chunks are consecutive ordinals)
   int32_t tensor_index;  // position in the caller's list (counts slot, ...)
 };
 
@@ -71,29 +72,43 @@ __global__ void __launch_bounds__(kBlockThreads)
   chunk.begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
   const int64_t left = meta.numel[slot] - chunk.begin;
   chunk.size = left < kChunkSize ? left : kChunkSize;
+  chunk.numel = meta.numel[slot];
   chunk.block = meta.first_block + blockIdx.x;
   chunk.tensor_index = meta.tensor_index[slot];
   functor(chunk);
 }
 
-inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
+__host__ __device__ inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
 
-// Runs `functor` over every chunk of the tensors lists[*][i], i in `indices`
-// (in that order; empty tensors are skipped). All lists[d][i] must have the
-// same number of elements and be non-overlapping and dense (the kernel walks
-// their memory as a flat array). `first_block` numbers the chunks: the k-th
+// What a multi-tensor launch walks, built on the host: per tensor, kDepth
+// addresses (one per parallel list: param, grad, states, ..., or a per-tensor
+// scalar such as its step counter) and its number of elements (of list 0; the
+// element lists all have that many, dense).
+template <int kDepth>
+struct LaunchTable {
+  std::vector<std::array<void*, kDepth>> ptrs;
+  std::vector<int64_t> numel;
+  std::vector<int32_t> index;  // position in the op's list (counts, SR keys, ...)
+
+  void add(const std::array<void*, kDepth>& p, int64_t n, int32_t i) {
+    ptrs.push_back(p);
+    numel.push_back(n);
+    index.push_back(i);
+  }
+};
+
+// Runs `functor` over every chunk of the tensors rows[r], r in `rows` (in that
+// order; empty tensors are skipped). `first_block` numbers the chunks: the k-th
 // chunk visited gets ChunkRef::block == first_block + k. Returns first_block
 // plus the number of chunks visited, to chain calls over several dtype groups.
 template <int kDepth, typename Functor>
-int64_t multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists,
-                           const std::vector<size_t>& indices, const Functor& functor,
-                           int64_t first_block = 0) {
+int64_t multi_tensor_apply(const LaunchTable<kDepth>& table, const std::vector<size_t>& rows,
+                           const Functor& functor, cudaStream_t stream, int64_t first_block = 0) {
   using Meta = TensorListMeta<kDepth>;
   // Margin for the padding the ABI may put between the two parameters.
   static_assert(sizeof(Meta) + sizeof(Functor) + 16 <= kMaxKernelParamBytes,
                 "multi-tensor-apply kernel arguments exceed 4 KB: shrink the functor or tables");
   static_assert(Meta::kMaxTensors <= 256, "block_to_tensor is uint8");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   Meta meta{};
   meta.first_block = first_block;
@@ -102,27 +117,22 @@ int64_t multi_tensor_apply(const std::array<at::TensorList, kDepth>& lists,
   auto launch = [&]() {
     // The arguments are copied at launch, so `meta` may be refilled right after.
     multi_tensor_apply_kernel<kDepth, Functor><<<n_blocks, kBlockThreads, 0, stream>>>(meta, functor);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch("multi_tensor_apply_kernel");
     meta.first_block += n_blocks;
     n_blocks = 0;
   };
 
-  for (const size_t idx : indices) {
-    const int64_t numel = lists[0][idx].numel();
-    for (int d = 1; d < kDepth; ++d) {
-      TORCH_INTERNAL_ASSERT(lists[d][idx].numel() == numel, "multi_tensor_apply: list ", d,
-                            " tensor ", idx, " has ", lists[d][idx].numel(), " elements, list 0 has ",
-                            numel);
-    }
+  for (const size_t r : rows) {
+    const int64_t numel = table.numel[r];
     if (numel == 0) continue;
     int slot = n_tensors++;
-    for (int d = 0; d < kDepth; ++d) meta.addresses[d][slot] = lists[d][idx].data_ptr();
+    for (int d = 0; d < kDepth; ++d) meta.addresses[d][slot] = table.ptrs[r][d];
     meta.numel[slot] = numel;
-    meta.tensor_index[slot] = static_cast<int32_t>(idx);
+    meta.tensor_index[slot] = table.index[r];
 
     const int64_t chunks = num_chunks(numel);
-    TORCH_CHECK_VALUE(chunks <= INT32_MAX, "tensor ", idx, " has ", numel,
-                      " elements; at most 2^31 chunks of ", kChunkSize, " are supported");
+    AMP_CHECK_VALUE(chunks <= INT32_MAX, "tensor ", table.index[r], " has ", numel,
+                    " elements; at most 2^31 chunks of ", kChunkSize, " are supported");
     for (int64_t c = 0; c < chunks; ++c) {
       meta.block_to_tensor[n_blocks] = static_cast<uint8_t>(slot);
       meta.block_to_chunk[n_blocks] = static_cast<int32_t>(c);

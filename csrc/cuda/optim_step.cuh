@@ -1,43 +1,23 @@
 // What the fused optimizer-step CUDA kernels (adam_step.cu, sgd_step.cu) share:
-// IEEE arithmetic nvcc cannot contract, element conversions and param rounding
-// (nearest even, or stochastic for bf16), the stochastic-rounding hash, packed
-// loads, the device-side step counter and the host-side preparation of the
-// tensor lists. The contract is amp_engine/ops/optim_reference.py: the same
-// operations in the same order, each correctly rounded, no fused multiply-adds.
+// element conversions and param rounding (nearest even, or stochastic for bf16
+// with the hash of csrc/math/rounding.h), packed loads, the step-counter bump
+// and the host-side preparation of the launch tables. The per-element update
+// is csrc/math/ (the code the CPU tests verify bitwise), compiled with
+// --fmad=false (setup.py) so that nvcc fuses nothing the reference does not.
 #pragma once
-#include <ATen/ops/cat.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <optional>
 #include <vector>
 
-#include "cpu/optim_common.h"  // argument checks and Entry (host code only)
 #include "cuda/multi_tensor_apply.cuh"
+#include "math/rounding.h"
+#include "optim_checks.h"
 
 namespace amp_engine {
 namespace cuda {
 namespace optim_step {
-
-// ---------------------------------------------------------------- arithmetic
-// The _rn intrinsics are never fused into FMAs (nvcc fuses a * b + c by default).
-__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ float sqrt_rn(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
-
-// torch.maximum: NaN from either side wins.
-template <typename A>
-__device__ __forceinline__ A maximum(A a, A b) {
-  return (b > a || b != b) ? b : a;
-}
 
 // The accumulation type: fp64 for fp64 params, else fp32.
 template <typename P>
@@ -57,25 +37,7 @@ template <typename A>
 __device__ __forceinline__ A to_acc(__half x) { return static_cast<A>(__half2float(x)); }
 template <typename A>
 __device__ __forceinline__ A to_acc(__nv_bfloat16 x) {  // exact: the upper half of an fp32
-  return static_cast<A>(__uint_as_float(static_cast<uint32_t>(__bfloat16_as_ushort(x)) << 16));
-}
-
-// lowbias32 (optim_reference.mix32).
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  x ^= x >> 15;
-  return x;
-}
-
-__device__ __forceinline__ uint32_t sr_key(const int64_t* rng_state, int32_t tensor_index) {
-  const uint64_t seed = static_cast<uint64_t>(rng_state[0]);
-  const uint64_t counter = static_cast<uint64_t>(rng_state[1]);
-  uint32_t k = mix32(static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32));
-  k = mix32(k ^ static_cast<uint32_t>(counter));
-  return mix32(k ^ static_cast<uint32_t>(tensor_index));
+  return static_cast<A>(math::bf16_to_float(__bfloat16_as_ushort(x)));
 }
 
 // w (acc) -> the param's dtype. j: the element's offset in the param's memory.
@@ -96,17 +58,8 @@ __device__ __forceinline__ __half round_param<__half, float>(float w, int64_t, u
 template <>
 __device__ __forceinline__ __nv_bfloat16 round_param<__nv_bfloat16, float>(float w, int64_t j,
                                                                            uint32_t key, bool sr) {
-  // Integer rounding, identical in every backend (NaN -> 0x7FC0 as c10::BFloat16 on CPU).
-  const uint32_t u = __float_as_uint(w);
-  uint32_t r;
-  if (sr) {
-    const uint64_t uj = static_cast<uint64_t>(j);
-    r = mix32(static_cast<uint32_t>(uj) ^ key ^ mix32(static_cast<uint32_t>(uj >> 32))) >> 16;
-  } else {
-    r = 0x7FFFu + ((u >> 16) & 1u);
-  }
-  const uint16_t bits = w != w ? uint16_t(0x7FC0) : static_cast<uint16_t>((u + r) >> 16);
-  return __ushort_as_bfloat16(bits);
+  const uint32_t r = sr ? math::sr_bits(math::sr_high_key(key, j), j) : 0u;
+  return __ushort_as_bfloat16(math::bf16_param_bits(w, sr, r));
 }
 
 // ---------------------------------------------------------------- packed access
@@ -147,69 +100,75 @@ __device__ __forceinline__ void for_each_pack(int64_t size, bool vec, const Fn& 
 }
 
 // ---------------------------------------------------------------- step counters
-// steps[i] += 1 (atomically: one tensor may be listed twice, and then counts
-// twice as in the reference) and rng counter += 1, in a launch after the update
-// so every update read the old values; nothing when found_inf != 0.
-struct CountStepFunctor {
-  const float* found_inf;  // nullable
-  int64_t* rng_state;      // nullptr: leave it
-  __device__ void operator()(const ChunkRef<1>& chunk) const {
-    if (threadIdx.x != 0 || (found_inf != nullptr && *found_inf != 0.0f)) return;
-    atomicAdd(static_cast<float*>(chunk.base[0]), 1.0f);
-    if (rng_state != nullptr && chunk.block == 0) rng_state[1] += 1;
-  }
+// steps[i] += 1 for every counter of the call and rng counter += 1, one thread
+// per counter, in launches after the update (same stream) so that every update
+// read the old values; nothing when found_inf != 0. Atomic: one tensor may be
+// listed twice, and then counts twice, as in the reference. The table travels
+// by value in the kernel arguments (no host-to-device copy, capturable).
+constexpr int kMaxCounters = 480;  // 3840 bytes of pointers: within the 4 KB argument limit
+struct CounterTable {
+  float* steps[kMaxCounters];
 };
 
-inline void count_step(at::TensorList steps, const std::optional<at::Tensor>& found_inf,
-                       int64_t* rng_state) {
-  std::vector<size_t> all(steps.size());
-  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
-  const CountStepFunctor functor{found_inf ? found_inf->data_ptr<float>() : nullptr, rng_state};
-  multi_tensor_apply<1>({steps}, all, functor);
+// static: a kernel defined in a header, one copy per .cu file
+static __global__ void bump_steps_kernel(const CounterTable table, int n, const float* found_inf,
+                                  int64_t* rng_state) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) atomicAdd(table.steps[i], 1.0f);
+  if (rng_state != nullptr && i == 0) rng_state[1] += 1;
 }
 
-// The step counters' values in one fp32 [n] tensor (one device copy, no sync):
-// chunk functors look their tensor's counter up by index.
-inline at::Tensor stacked_steps(at::TensorList steps) {
-  std::vector<at::Tensor> flat;
-  flat.reserve(steps.size());
-  for (const auto& s : steps) flat.push_back(s.reshape({1}));
-  return at::cat(flat);
+inline void bump_steps(const TensorList& steps, const float* found_inf, int64_t* rng_state,
+                       cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  for (size_t start = 0; start < steps.size(); start += kMaxCounters) {
+    CounterTable table{};
+    const int n = static_cast<int>(std::min<size_t>(kMaxCounters, steps.size() - start));
+    for (int i = 0; i < n; ++i) table.steps[i] = ptr<float>(steps[start + i]);
+    bump_steps_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        table, n, found_inf, start == 0 ? rng_state : nullptr);
+    check_launch("bump_steps_kernel");
+  }
 }
 
 // ---------------------------------------------------------------- host preparation
-// Lists the kernels walk: list k holds, for every param, its k-th tensor
-// (param, grad, states..., master), as it is or as a contiguous copy (Entry);
-// an absent tensor is replaced by the param (never touched: numel matches).
+// The launch table of a call: row i holds param i's tensors (param, grad,
+// states..., master) as they are or as contiguous copies (Entry), an absent one
+// replaced by the param's address (never touched), and last its step counter.
+// Rows are grouped by (param dtype, grad dtype): one launch sequence per group.
 template <int kDepth>
 struct Work {
   std::vector<::amp_engine::optim::Entry> entries;
-  std::vector<at::Tensor> lists[kDepth];
-  std::vector<std::vector<size_t>> groups;  // by (param dtype, grad dtype)
+  LaunchTable<kDepth> table;
+  std::vector<ScalarType> p_types, g_types;
+  std::vector<std::vector<size_t>> groups;
 
-  void add(std::vector<std::optional<at::Tensor>> ts, std::vector<bool> writable) {
-    std::vector<at::Tensor> present;
+  // ts: the kDepth - 1 tensors of one param (nullopt: absent), then its step.
+  void add(std::vector<OptTensor> ts, std::vector<bool> writable, const Tensor& step) {
+    TensorList present;
     std::vector<bool> present_writable;
     for (size_t k = 0; k < ts.size(); ++k) {
       if (ts[k]) present.push_back(*ts[k]), present_writable.push_back(writable[k]);
     }
     entries.push_back(::amp_engine::optim::make_entry(present, present_writable));
-    const auto& w = entries.back().work;
-    for (size_t k = 0, q = 0; k < kDepth; ++k) lists[k].push_back(ts[k] ? w[q++] : w[0]);
-    const size_t i = lists[0].size() - 1;
+    const TensorList& w = entries.back().work;
+    std::array<void*, kDepth> row{};
+    for (size_t k = 0, q = 0; k + 1 < kDepth; ++k) row[k] = ts[k] ? w[q++].data_ptr() : w[0].data_ptr();
+    row[kDepth - 1] = step.data_ptr();
+    const size_t i = table.numel.size();
+    table.add(row, w[0].numel(), static_cast<int32_t>(i));
+    const ScalarType pt = w[0].scalar_type();
+    const ScalarType gt = w[1].scalar_type();
+    p_types.push_back(pt);
+    g_types.push_back(gt);
     for (auto& g : groups) {
-      if (lists[0][g[0]].scalar_type() == w[0].scalar_type() &&
-          lists[1][g[0]].scalar_type() == w[1].scalar_type()) {
+      if (p_types[g[0]] == pt && g_types[g[0]] == gt) {
         g.push_back(i);
         return;
       }
     }
     groups.push_back({i});
-  }
-  std::array<at::TensorList, kDepth> tensor_lists() const {
-    std::array<at::TensorList, kDepth> out;
-    for (int k = 0; k < kDepth; ++k) out[k] = at::TensorList(lists[k]);
-    return out;
   }
   void write_back() {
     for (auto& e : entries) ::amp_engine::optim::write_back(e);
@@ -218,21 +177,27 @@ struct Work {
 
 // fn(P{}, G{}) for a group's param and grad dtypes.
 template <typename Fn>
-void dispatch_param_grad(c10::ScalarType p, c10::ScalarType g, Fn&& fn) {
+void dispatch_param_grad(ScalarType p, ScalarType g, Fn&& fn) {
   auto with_grad = [&](auto ptag) {
     switch (g) {
-      case c10::kFloat: fn(ptag, float{}); break;
-      case c10::kHalf: fn(ptag, __half{}); break;
-      case c10::kBFloat16: fn(ptag, __nv_bfloat16{}); break;
+      case ScalarType::Float: fn(ptag, float{}); break;
+      case ScalarType::Half: fn(ptag, __half{}); break;
+      case ScalarType::BFloat16: fn(ptag, __nv_bfloat16{}); break;
       default: fn(ptag, double{});
     }
   };
   switch (p) {
-    case c10::kFloat: with_grad(float{}); break;
-    case c10::kHalf: with_grad(__half{}); break;
-    case c10::kBFloat16: with_grad(__nv_bfloat16{}); break;
+    case ScalarType::Float: with_grad(float{}); break;
+    case ScalarType::Half: with_grad(__half{}); break;
+    case ScalarType::BFloat16: with_grad(__nv_bfloat16{}); break;
     default: with_grad(double{});
   }
+}
+
+// Device pointers of the optional scalar arguments (nullptr when absent).
+template <typename T>
+inline const T* opt_ptr(const OptTensor& t) {
+  return t.has_value() ? ptr<const T>(*t) : nullptr;
 }
 
 }  // namespace optim_step

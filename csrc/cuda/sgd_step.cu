@@ -1,11 +1,13 @@
 // amp_engine::sgd_step_ on CUDA: fused SGD (momentum, dampening, nesterov) over
 // a whole list, one multi-tensor-apply launch sequence per (param dtype, grad
-// dtype) group, then one launch that counts the step. Contract:
-// amp_engine/ops/optim_reference.py (bitwise equal on the GPU). found_inf,
+// dtype) group, then the launch that counts the step. Contract:
+// amp_engine/ops/optim_reference.py; the update of one element is
+// math::sgd_update (csrc/math/sgd.h), shared with the CPU kernel. found_inf,
 // inv_scale, lr and the step counters are read on the device: no host sync.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include "cuda/optim_step.cuh"
+#include "math/sgd.h"
 
 namespace amp_engine {
 namespace cuda {
@@ -17,14 +19,14 @@ struct SgdArgs {
   const float* inv_scale;    // nullable: 1
   const float* lr_f32;       // lr_tensor, if fp32
   const double* lr_f64;      // lr_tensor, if fp64
-  const float* steps;        // the step counters before this step, [n]
   const int64_t* rng_state;  // nullable unless stochastic rounding
-  double lr;
-  double wd_acc, momentum, one_minus_dampening;  // already rounded to the acc type
+  double lr, momentum, dampening, weight_decay;
   bool has_master, has_wd, has_momentum, nesterov, maximize, stochastic;
 };
 
-// Lists: 0 param, 1 grad, 2 momentum buffer, 3 master.
+// Lists: 0 param, 1 grad, 2 momentum buffer, 3 master, 4 step.
+constexpr int kDepth = 5;
+
 template <typename P, typename G>
 struct SgdFunctor {
   using A = typename Acc<P>::type;
@@ -32,9 +34,9 @@ struct SgdFunctor {
 
   struct Chunk {
     const SgdArgs& a;
-    const ChunkRef<4>& c;
-    A inv, wd, momentum, damp, neg_lr;
-    bool first;  // the counter is 0: the buffer takes the grad (torch's first step)
+    const ChunkRef<kDepth>& c;
+    math::SgdCoeffs<A> s;
+    math::Momentum mom;  // kFirst when the counter is 0: the buffer takes the grad
     uint32_t key;
 
     template <int N>
@@ -54,16 +56,10 @@ struct SgdFunctor {
 #pragma unroll
         for (int k = 0; k < N; ++k) w[k] = to_acc<A>(p_in[k]);
       }
-      if (a.has_momentum && !first) load_n<N>(c.base[2], off, buf);
+      if (mom == math::Momentum::kHeavyBall) load_n<N>(c.base[2], off, buf);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        A g = mul(to_acc<A>(g_in[k]), inv);  // inv = -inv_scale when maximizing: exact
-        if (a.has_wd) g = add(g, mul(wd, w[k]));
-        if (a.has_momentum) {
-          buf[k] = first ? g : add(mul(buf[k], momentum), mul(damp, g));
-          g = a.nesterov ? add(g, mul(momentum, buf[k])) : buf[k];
-        }
-        w[k] = add(w[k], mul(neg_lr, g));
+        w[k] = math::sgd_update(s, a.has_wd, mom, a.nesterov, to_acc<A>(g_in[k]), w[k], buf[k]);
       }
       if (a.has_momentum) store_n<N>(c.base[2], off, buf);
       if (a.has_master) {
@@ -79,14 +75,19 @@ struct SgdFunctor {
     }
   };
 
-  __device__ void operator()(const ChunkRef<4>& c) const {
+  __device__ void operator()(const ChunkRef<kDepth>& c) const {
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // skipped: touch nothing
     const double lr = a.lr_f64 ? *a.lr_f64 : a.lr_f32 ? static_cast<double>(*a.lr_f32) : a.lr;
     const A inv = a.inv_scale ? static_cast<A>(*a.inv_scale) : A(1);
-    const Chunk ch{a, c, a.maximize ? -inv : inv, static_cast<A>(a.wd_acc),
-                   static_cast<A>(a.momentum), static_cast<A>(a.one_minus_dampening),
-                   static_cast<A>(-lr), a.steps[c.tensor_index] == 0.0f,
-                   a.stochastic ? sr_key(a.rng_state, c.tensor_index) : 0u};
+    const bool first = *static_cast<const float*>(c.base[4]) == 0.0f;
+    const math::Momentum mom = !a.has_momentum ? math::Momentum::kNone
+                               : first         ? math::Momentum::kFirst
+                                               : math::Momentum::kHeavyBall;
+    const Chunk ch{a, c,
+                   math::sgd_coeffs<A>(inv, lr, a.momentum, a.dampening, a.weight_decay,
+                                       a.maximize),
+                   mom,
+                   a.stochastic ? math::sr_key(a.rng_state[0], a.rng_state[1], c.tensor_index) : 0u};
     constexpr int kVec = 4;
     const bool vec = aligned_for<P, kVec>(c.base[0]) && aligned_for<G, kVec>(c.base[1]) &&
                      (!a.has_momentum || aligned_for<A, kVec>(c.base[2])) &&
@@ -95,67 +96,55 @@ struct SgdFunctor {
   }
 };
 
-void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList masters,
-                   at::TensorList momentum_buffers, at::TensorList steps,
-                   const std::optional<at::Tensor>& lr_tensor, double lr,
-                   const std::optional<at::Tensor>& inv_scale,
-                   const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& rng_state, double momentum, double dampening,
-                   double weight_decay, bool nesterov, bool maximize, bool stochastic_rounding) {
-  using namespace ::amp_engine::optim;
-  const c10::Device dev = check_common(params, grads, masters, steps, lr_tensor, lr, inv_scale,
-                                       found_inf, rng_state, stochastic_rounding);
-  TORCH_CHECK_VALUE(momentum >= 0.0, "momentum must be >= 0, got ", momentum);
-  TORCH_CHECK_VALUE(weight_decay >= 0.0, "weight_decay must be >= 0, got ", weight_decay);
-  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0),
-                    "nesterov=True requires momentum > 0 and dampening == 0, got momentum=",
-                    momentum, ", dampening=", dampening);
-  const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_state_list(momentum_buffers, params, "momentum_buffers", dev);
+void sgd_step_cuda(TensorList params, TensorList grads, TensorList masters,
+                   TensorList momentum_buffers, TensorList steps, OptTensor lr_tensor, double lr,
+                   OptTensor inv_scale, OptTensor found_inf, OptTensor rng_state, double momentum,
+                   double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool stochastic_rounding) {
+  const Device dev = ::amp_engine::optim::check_sgd_args(
+      params, grads, masters, momentum_buffers, steps, lr_tensor, lr, inv_scale, found_inf,
+      rng_state, momentum, dampening, weight_decay, nesterov, stochastic_rounding);
   if (params.empty()) return;
-  TORCH_CHECK_VALUE(dev.is_cuda(), "the CUDA kernel got tensors on ", dev);
-  const c10::cuda::CUDAGuard guard(dev);
+  check_cuda(dev);
+  const DeviceGuard guard(dev.index());
+  const cudaStream_t stream = current_stream(dev);
 
+  const bool has_momentum = momentum != 0.0;
   const bool has_master = !masters.empty();
-  Work<4> work;
+  Work<kDepth> work;
   for (size_t i = 0; i < params.size(); ++i) {
-    work.add({params[i], grads[i],
-              has_momentum ? std::optional<at::Tensor>(momentum_buffers[i]) : std::nullopt,
-              has_master ? std::optional<at::Tensor>(masters[i]) : std::nullopt},
-             {true, false, true, true});
+    work.add({params[i], grads[i], has_momentum ? OptTensor(momentum_buffers[i]) : std::nullopt,
+              has_master ? OptTensor(masters[i]) : std::nullopt},
+             {true, false, true, true}, steps[i]);
   }
-  const at::Tensor step_values = stacked_steps(steps);
-  const bool lr_is_f64 = lr_tensor && lr_tensor->scalar_type() == c10::kDouble;
+  const bool lr_is_f64 = lr_tensor && lr_tensor->scalar_type() == ScalarType::Double;
   SgdArgs args{};
-  args.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
-  args.inv_scale = inv_scale ? inv_scale->data_ptr<float>() : nullptr;
-  args.lr_f32 = lr_tensor && !lr_is_f64 ? lr_tensor->data_ptr<float>() : nullptr;
-  args.lr_f64 = lr_is_f64 ? lr_tensor->data_ptr<double>() : nullptr;
-  args.steps = step_values.data_ptr<float>();
-  args.rng_state = rng_state ? rng_state->data_ptr<int64_t>() : nullptr;
+  args.found_inf = opt_ptr<float>(found_inf);
+  args.inv_scale = opt_ptr<float>(inv_scale);
+  args.lr_f32 = lr_tensor && !lr_is_f64 ? ptr<const float>(*lr_tensor) : nullptr;
+  args.lr_f64 = lr_is_f64 ? ptr<const double>(*lr_tensor) : nullptr;
+  args.rng_state = opt_ptr<int64_t>(rng_state);
   args.lr = lr;
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.weight_decay = weight_decay;
   args.has_master = has_master;
   args.has_wd = weight_decay != 0.0;
   args.has_momentum = has_momentum;
   args.nesterov = nesterov;
   args.maximize = maximize;
-  const auto lists = work.tensor_lists();
   for (const auto& group : work.groups) {
-    const auto p_type = work.lists[0][group[0]].scalar_type();
-    dispatch_param_grad(p_type, work.lists[1][group[0]].scalar_type(), [&](auto ptag, auto gtag) {
+    const ScalarType p_type = work.p_types[group[0]];
+    dispatch_param_grad(p_type, work.g_types[group[0]], [&](auto ptag, auto gtag) {
       using P = decltype(ptag);
       using G = decltype(gtag);
-      using A = typename Acc<P>::type;
-      SgdArgs g = args;  // hyper-parameters rounded to this group's acc type, as the reference
-      g.wd_acc = static_cast<double>(static_cast<A>(weight_decay));
-      g.momentum = static_cast<double>(static_cast<A>(momentum));
-      g.one_minus_dampening = static_cast<double>(static_cast<A>(1.0 - dampening));
-      g.stochastic = stochastic_rounding && p_type == c10::kBFloat16;
-      multi_tensor_apply<4>(lists, group, SgdFunctor<P, G>{g});
+      SgdArgs g = args;
+      g.stochastic = stochastic_rounding && p_type == ScalarType::BFloat16;
+      multi_tensor_apply<kDepth>(work.table, group, SgdFunctor<P, G>{g}, stream);
     });
   }
-  count_step(steps, found_inf,
-             stochastic_rounding && rng_state ? rng_state->data_ptr<int64_t>() : nullptr);
+  int64_t* rng = stochastic_rounding && rng_state ? ptr<int64_t>(*rng_state) : nullptr;
+  bump_steps(steps, args.found_inf, rng, stream);
   work.write_back();
 }
 
@@ -164,6 +153,6 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
 }  // namespace cuda
 }  // namespace amp_engine
 
-TORCH_LIBRARY_IMPL(amp_engine, CUDA, m) {
-  m.impl("sgd_step_", &amp_engine::cuda::optim_step::sgd_step_cuda);
+STABLE_TORCH_LIBRARY_IMPL(amp_engine, CUDA, m) {
+  m.impl("sgd_step_", TORCH_BOX(&amp_engine::cuda::optim_step::sgd_step_cuda));
 }

@@ -2,8 +2,7 @@
 // found_inf = 1 if any element is non-finite before or after scaling,
 // counts[i] += non-finite elements of grads[i]. One multi-tensor-apply launch
 // sequence per dtype group; each grad is read and written once.
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include "cuda/grad_check.cuh"
 
@@ -26,19 +25,20 @@ struct UnscaleFunctor {
   }
 };
 
-void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& inv_scale,
-                            const at::Tensor& found_inf, const std::optional<at::Tensor>& counts) {
-  const c10::Device dev = check_cuda_grad_check_args(grads, inv_scale, found_inf, counts);
+void unscale_and_check_cuda(TensorList grads, Tensor inv_scale, Tensor found_inf,
+                            OptTensor counts) {
+  const Device dev = check_cuda_grad_check_args(grads, inv_scale, found_inf, counts);
   if (grads.empty()) return;
-  const c10::cuda::CUDAGuard guard(dev);
+  const DeviceGuard guard(dev.index());
+  const cudaStream_t stream = current_stream(dev);
   DenseList dense = make_dense(grads);
-  const std::array<at::TensorList, 1> lists{at::TensorList(dense.tensors)};
+  const LaunchTable<1> table = grad_table(dense.tensors);
   for (const auto& group : group_by_dtype(dense.tensors)) {
     dispatch_grad_dtype(dense.tensors[group[0]].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const UnscaleFunctor<T> functor{inv_scale.data_ptr<float>(), found_inf.data_ptr<float>(),
+      const UnscaleFunctor<T> functor{ptr<const float>(inv_scale), ptr<float>(found_inf),
                                       counts_ptr(counts)};
-      multi_tensor_apply<1>(lists, group, functor);
+      multi_tensor_apply<1>(table, group, functor, stream);
     });
   }
   copy_back(grads, dense);  // non-dense views were unscaled in a contiguous copy
@@ -48,6 +48,6 @@ void unscale_and_check_cuda(at::TensorList grads, const at::Tensor& inv_scale,
 }  // namespace cuda
 }  // namespace amp_engine
 
-TORCH_LIBRARY_IMPL(amp_engine, CUDA, m) {
-  m.impl("unscale_and_check_", &amp_engine::cuda::unscale_and_check_cuda);
+STABLE_TORCH_LIBRARY_IMPL(amp_engine, CUDA, m) {
+  m.impl("unscale_and_check_", TORCH_BOX(&amp_engine::cuda::unscale_and_check_cuda));
 }

@@ -1,0 +1,47 @@
+// The loss-scale rule (amp_engine/ops/reference.py update_scale_):
+// torch._amp_update_scale_ plus hysteresis and [min_scale, max_scale] bounds.
+// Products in fp64 rounded to fp32 (as torch's kernel), a NaN scale passes the
+// bounds (as clamp does), the int32 trackers wrap as int32 tensor arithmetic.
+#pragma once
+#include "math/hd.h"
+
+namespace amp_engine::math {
+
+struct ScaleState {
+  float scale;
+  int32_t growth_tracker;
+  int32_t hysteresis_tracker;
+};
+
+AMP_ENGINE_HD inline int32_t wrapping_add(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
+}
+
+// found_inf: the flag's value (any non-zero, NaN too, means overflow).
+AMP_ENGINE_HD inline ScaleState update_scale(ScaleState st, float found_inf, double growth_factor,
+                                             double backoff_factor, int64_t growth_interval,
+                                             int32_t hysteresis, float min_scale,
+                                             float max_scale) {
+  const float s = st.scale;
+  const bool inf = found_inf != 0.0f;
+  // Overflow: the hysteresis tracker drops by one; back off once it is spent,
+  // not below min_scale.
+  const int32_t ht_minus_1 = wrapping_add(st.hysteresis_tracker, -1);
+  const bool backoff = inf && ht_minus_1 <= 0;
+  float backed = static_cast<float>(static_cast<double>(s) * backoff_factor);
+  backed = backed < min_scale ? min_scale : backed;  // NaN stays NaN
+  // Clean step: growth after growth_interval consecutive ones, never to inf.
+  // Compared in int64: an interval beyond int32 is simply never reached.
+  const int32_t successful = wrapping_add(st.growth_tracker, 1);
+  const bool grow = !inf && static_cast<int64_t>(successful) >= growth_interval;
+  float grown = static_cast<float>(static_cast<double>(s) * growth_factor);
+  grown = nonfinite(grown) ? s : (max_scale < grown ? max_scale : grown);
+
+  ScaleState out;
+  out.scale = backoff ? backed : (grow ? grown : s);
+  out.growth_tracker = (inf || grow) ? 0 : successful;
+  out.hysteresis_tracker = inf ? (ht_minus_1 > 0 ? ht_minus_1 : 0) : hysteresis;
+  return out;
+}
+
+}  // namespace amp_engine::math
