@@ -85,12 +85,27 @@ def optim_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in order if unavailable_reason(b, dtype) is None]
 
 
+# The backend choice depends on the build and the machine only: a constant for
+# torch.compile, computed eagerly at trace time. Traced, its checks (importlib's
+# find_spec, the dispatcher dump) break the graph on torch 2.11, whose Dynamo
+# inlines lru_cache'd functions.
+@torch.compiler.assume_constant_result
+def _default_backend(device_type: str) -> str:
+    for b in _PREFERENCE.get(device_type, ("reference",)):
+        if unavailable_reason(b, device_type) is None:
+            return b
+    return "reference"
+
+
+_reason_for_compile = torch.compiler.assume_constant_result(unavailable_reason)
+
+
 def _select(backend: str | None, device: torch.device) -> str:
     if backend is None:
         backend = os.environ.get("AMP_ENGINE_BACKEND") or None
         if backend is None:
-            return optim_backends(device)[0]  # "reference" is always there
-    reason = unavailable_reason(backend, device.type)
+            return _default_backend(device.type)
+    reason = _reason_for_compile(backend, device.type)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run the optimizer ops on {device}: {reason}")
     return backend
