@@ -25,6 +25,8 @@ pytest.importorskip("triton")
 from amp_engine.ops import triton_kernels as tk  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# on a GPU these are CUDA tests (scripts/gpu_check.sh runs `-m cuda` first)
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16,
              torch.bfloat16: torch.int16, torch.float64: torch.int64}

@@ -28,6 +28,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     DEVICES = ["cpu"]
 else:
     DEVICES = ["cuda"] if torch.cuda.is_available() else []
+# on a GPU these are CUDA tests (scripts/gpu_check.sh runs `-m cuda` first)
+pytestmark = [pytest.mark.cuda] if DEVICES == ["cuda"] else []
 ADAM_KEYS = ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
              "steps", "rng_state")
 SGD_KEYS = ("params", "grads", "masters", "momentum_buffers", "steps", "rng_state")
