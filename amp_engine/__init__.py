@@ -4,9 +4,9 @@ from amp_engine._extension import build_info
 from amp_engine import ops
 from amp_engine import optim
 from amp_engine.scaler import GradScaler
-from amp_engine.compat import check_amp_compatibility
-from amp_engine.config import MixedPrecisionConfig
-from amp_engine.epoch import MixedPrecisionOptimizer, create_mixed_precision_optimizer
+from amp_engine.trainer.compat import check_amp_compatibility
+from amp_engine.trainer.config import MixedPrecisionConfig
+from amp_engine.trainer.epoch import MixedPrecisionOptimizer, create_mixed_precision_optimizer
 from amp_engine.trainer import MixedPrecisionTrainer, create_mixed_precision_trainer
 
 __version__ = "0.1.0"

@@ -34,11 +34,11 @@ except ImportError:  # source checkout that was never built
 
 
 @torch.compiler.assume_constant_result  # torch.compile: a fact of the build, not a graph break
-def has_kernels(dispatch_key: str) -> bool:
-    """Whether the loaded library registered kernels for `dispatch_key` ("CPU" or "CUDA")."""
-    if not LOADED:
+def has_kernels(dispatch_key: str, op: str = "unscale_and_check_") -> bool:
+    """Whether the loaded library registered a `dispatch_key` ("CPU" or "CUDA") kernel for `op`."""
+    if not LOADED or not hasattr(torch.ops.amp_engine, op):
         return False
-    dump = torch._C._dispatch_dump("amp_engine::unscale_and_check_")
+    dump = torch._C._dispatch_dump(f"amp_engine::{op}")
     return f"\n{dispatch_key}:" in dump or dump.startswith(f"{dispatch_key}:")
 
 

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="elements of the large cases (ops, optim; 200 tensors): default 50M, 4M with --quick")
     bench.add_argument("--small-tensors", type=_positive_int, default=None,
                        help="tensors of the small-tensor ops case: default 10000, 1000 with --quick")
+    bench.add_argument("--train", action="store_true",
+                       help="also time an end-to-end GPT-style training step (torch AMP vs amp_engine; "
+                            "slow on a CPU: minutes without --quick)")
     bench.add_argument("--output", default="bench_output", help="output folder (default bench_output/)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG bar chart")
 
@@ -147,7 +150,7 @@ def cmd_bench(args) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     rows, copy_gbps, env, skipped = [], {}, None, []
-    for name in args.only:
+    for name in args.only + (["train"] if args.train and "train" not in args.only else []):
         try:
             module = importlib.import_module(f"amp_engine.bench.{name}_bench")
         except ImportError as exc:
@@ -250,7 +253,7 @@ def collect_info() -> dict:
 
     import amp_engine
     from amp_engine import _extension
-    from amp_engine.demo import hardware
+    from amp_engine import hardware
     from amp_engine.ops.dispatch import available_backends, unavailable_reason
 
     try:
@@ -271,7 +274,7 @@ def collect_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-    has_triton_kernels = importlib.util.find_spec("amp_engine.ops.triton_kernels") is not None
+    has_triton_kernels = importlib.util.find_spec("amp_engine.ops.triton.scaling") is not None
     built = {
         "cpp": _extension.has_kernels("CPU"),
         "cuda": _extension.has_kernels("CUDA"),

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_found_inf_", "all_reduce_step_", "dtensor_layout", "dtensor_mesh",
+__all__ = ["all_reduce_step_", "dtensor_layout",
            "is_data_parallel", "is_dtensor", "local_tensor", "replica_group"]
 
 
@@ -50,17 +50,6 @@ def is_dtensor(t: object) -> bool:
 def local_tensor(t: Tensor) -> Tensor:
     """The local shard of a DTensor (an alias: in-place changes reach the DTensor), else ``t``."""
     return t.to_local() if is_dtensor(t) else t
-
-
-def dtensor_mesh(params: Iterable[Tensor]):
-    """The DeviceMesh of the first DTensor among ``params``, or None if there is none."""
-    cls = _dtensor_class()
-    if cls is None:
-        return None
-    for p in params:
-        if isinstance(p, cls):
-            return p.device_mesh
-    return None
 
 
 def replica_group(model):
@@ -178,70 +167,3 @@ def all_reduce_step_(found_inf: Tensor, process_group=None, device_mesh=None, *,
         counts.copy_(counts_base + buf[len(parts) - 1:].to(counts.device, torch.int64))
         counts_base.copy_(counts)
     return True
-
-
-def all_reduce_found_inf_(found_inf: Tensor, process_group=None, device_mesh=None) -> Tensor:
-    """MAX-reduce ``found_inf`` in place across ranks and return it.
-
-    Args:
-        found_inf: one-element fp32 tensor (0.0 = clean, 1.0 = overflow) on a
-            device the process group's backend handles (CUDA for NCCL, CPU or
-            CUDA for gloo).
-        process_group: the group to reduce over (``torch.distributed.group.WORLD``
-            for every rank). Used if given.
-        device_mesh: else the DeviceMesh of DTensor grads (FSDP2): reduced over
-            every mesh dimension.
-
-    Without a group or mesh, or when torch.distributed is not initialized, this
-    is a no-op. With NCCL the collective is queued on the current stream: no
-    host sync. The result is exactly 0.0 or 1.0 when the inputs are.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return found_inf
-    if process_group is not None:
-        groups = [process_group]
-    elif device_mesh is not None:
-        groups = _mesh_groups(device_mesh)
-    else:
-        return found_inf
-    for group in groups:
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
-    return found_inf
-
-
-def shutdown_process_group() -> None:
-    """Tear down the default process group without racing the other ranks.
-
-    A gloo rank that destroys its group while a peer is still finishing the
-    last collective makes the peer's transport thread throw, which aborts that
-    process ("terminate called without an active exception"). A barrier first
-    means every rank is done with its collectives before any connection closes.
-    """
-    if not dist.is_initialized():
-        return
-    try:
-        if dist.get_world_size() > 1:
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def exit_spawned_rank() -> None:
-    """End a spawned worker rank whose results are already written: barrier, then exit
-    without tearing gloo down.
-
-    Even after a barrier, gloo's teardown (destroy_process_group and the destructors
-    at interpreter exit) occasionally aborts a rank on a loaded machine ("terminate
-    called without an active exception"), failing a run whose work is complete.
-    Workers of torch.multiprocessing (tests, benchmarks) exit with os._exit(0) after
-    the barrier instead; the operating system releases the sockets. Not for ranks
-    that go on running code.
-    """
-    import os
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -174,7 +174,7 @@ else
   if [ "${GPU_CHECK_FULL:-0}" = 1 ]; then
     SEL=(tests)
   else  # a smoke subset: keeps the CPU run (CI) short
-    SEL=(tests/test_build.py tests/test_scaler_api.py tests/ops/test_dispatch.py tests/ops/test_triton_tables.py)
+    SEL=(tests/test_build.py tests/scaler/test_api.py tests/ops/test_dispatch.py tests/ops/test_triton_tables.py)
   fi
   stage "rest of the tests (no GPU: $([ "${GPU_CHECK_FULL:-0}" = 1 ] && echo all || echo smoke subset))" \
     pytest_rest.log junit_rest.xml 240 "${PYTEST[@]}" "${SEL[@]}" -m "not slow" --junitxml="$OUTDIR/junit_rest.xml"

@@ -18,6 +18,7 @@ import torch
 import torch.utils.benchmark as tbench
 
 from amp_engine import _optional
+from amp_engine.hardware import cpu_model
 
 
 @dataclass
@@ -94,18 +95,6 @@ def environment(device: torch.device | str) -> dict:
         env["gpu"] = torch.cuda.get_device_name(dev)
         env["cuda"] = torch.version.cuda
     return env
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (from /proc/cpuinfo; platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

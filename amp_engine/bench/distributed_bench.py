@@ -36,7 +36,7 @@ from torch import nn
 
 from amp_engine.bench.common import (Row, arg_parser, environment, finish_rows, markdown_table,
                                      time_fn, write_results)
-from amp_engine.distributed import exit_spawned_rank, shutdown_process_group
+from amp_engine.bench.processes import exit_spawned_rank, shutdown_process_group
 
 SHARDED, PLAIN, OURS = "torch ShardedGradScaler", "torch.amp.GradScaler", "amp_engine"
 IMPL_NAMES = {SHARDED: "torch ShardedGradScaler + AdamW (foreach)",

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from amp_engine.demo import hardware, report
+from amp_engine import hardware
+from amp_engine.demo import report
 from amp_engine.demo.corpus import load_corpus
 from amp_engine.demo.model import CharTransformer, ModelShape
 from amp_engine.demo.ranks import Ranks

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from amp_engine.distributed import shutdown_process_group
+from amp_engine.bench.processes import shutdown_process_group
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from amp_engine import _optional, memory
+from amp_engine import _optional
+from amp_engine.trainer import memory
 from amp_engine.demo.corpus import Corpus, batch_offsets, make_batch
 from amp_engine.demo.model import CharTransformer, ModelShape
 from amp_engine.demo.ranks import Ranks
@@ -207,7 +208,7 @@ def _measure_memory(trainer, amp_dtype, batch, loss_fn, device) -> tuple[int, in
     """(activation bytes, state bytes) of one training step in this run's precision.
 
     Activations: what autograd saves for backward in the forward
-    (amp_engine.memory.SavedTensorMeter: measured, parameters left out).
+    (amp_engine.trainer.memory.SavedTensorMeter: measured, parameters left out).
     State: parameters + gradients + optimizer state (masters included), counted
     while the gradients exist.
     """

@@ -11,6 +11,7 @@ backend asked for (by argument or variable) that is not usable raises.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 
@@ -22,14 +23,27 @@ from amp_engine.ops import validation
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
+#: Every op of the layer and the modules of its Python backends (imported only
+#: when that backend runs: the Triton ones import triton).
+_SCALING = ("amp_engine.ops.reference.scaling", "amp_engine.ops.triton.scaling")
+_OPTIM = ("amp_engine.ops.reference.optim", "amp_engine.ops.triton.optim")
+OPS = {"unscale_and_check_": _SCALING, "grad_norm_and_check": _SCALING, "update_scale_": _SCALING,
+       "adam_step_": _OPTIM, "sgd_step_": _OPTIM}
+DEFAULT_OP = "unscale_and_check_"
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"op={op!r} is not an amp_engine op; allowed: {', '.join(OPS)}")
+
 
 @functools.lru_cache(maxsize=None)
-def _triton_reason(device_type: str) -> str | None:
-    """None if Triton can run on `device_type`, else why not."""
+def _triton_reason(device_type: str, op: str = DEFAULT_OP) -> str | None:
+    """None if Triton can run `op` on `device_type`, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if importlib.util.find_spec("amp_engine.ops.triton_kernels") is None:
-        return "this build has no Triton kernels"
+    if importlib.util.find_spec(OPS[op][1]) is None:
+        return f"this build has no Triton kernel for {op}"
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
@@ -41,66 +55,72 @@ def _triton_reason(device_type: str) -> str | None:
     return f"Triton does not run on {device_type}"
 
 
-def unavailable_reason(backend: str, device: torch.device | str) -> str | None:
-    """None if `backend` can run tensors on `device`, else a sentence saying why not."""
+def unavailable_reason(backend: str, device: torch.device | str, op: str = DEFAULT_OP) -> str | None:
+    """None if `backend` can run `op` on tensors on `device`, else a sentence saying why not."""
+    _check_op(op)
     dtype = torch.device(device).type
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}"
     if backend == "reference":
         return None
     if backend == "triton":
-        return _triton_reason(dtype)
+        return _triton_reason(dtype, op)
     if not _extension.LOADED:
         return f"the compiled library is not loaded ({_extension.LOAD_ERROR})"
     if backend == "cpp":
         if dtype != "cpu":
             return f"'cpp' runs CPU tensors only, got {dtype}"
-        return None if _extension.has_kernels("CPU") else "no CPU kernels were built"
+        return None if _extension.has_kernels("CPU", op) else f"no CPU kernel for {op} was built"
     # backend == "cuda"
     if dtype != "cuda":
         return f"'cuda' runs CUDA tensors only, got {dtype}"
-    if not _extension.has_kernels("CUDA"):
-        return "the library was built without CUDA kernels"
+    if not _extension.has_kernels("CUDA", op):
+        return f"the library was built without a CUDA kernel for {op}"
     return None if torch.cuda.is_available() else "no CUDA device"
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends usable for tensors on `device`, fastest first."""
+def available_backends(device: torch.device | str = "cpu", op: str = DEFAULT_OP) -> list[str]:
+    """The backends usable for `op` on tensors on `device`, fastest first."""
     dtype = torch.device(device).type
     order = _PREFERENCE.get(dtype, ("reference",)) + ("triton",)
     seen = []
     for b in order:
-        if b not in seen and unavailable_reason(b, device) is None:
+        if b not in seen and unavailable_reason(b, device, op) is None:
             seen.append(b)
     return seen
 
 
 @functools.lru_cache(maxsize=None)
-def _default_backend(device_type: str, env: str | None) -> str:
+def _default_backend(device_type: str, env: str | None, op: str) -> str:
     if env:
-        reason = unavailable_reason(env, device_type)
+        reason = unavailable_reason(env, device_type, op)
         if reason is not None:
-            raise RuntimeError(f"AMP_ENGINE_BACKEND={env!r} cannot run on {device_type}: {reason}")
+            raise RuntimeError(f"AMP_ENGINE_BACKEND={env!r} cannot run {op} on {device_type}: {reason}")
         return env
     for b in _PREFERENCE.get(device_type, ("reference",)):
-        if unavailable_reason(b, device_type) is None:
+        if unavailable_reason(b, device_type, op) is None:
             return b
     return "reference"
 
 
-def select(backend: str | None, device: torch.device) -> str:
-    """The backend to run tensors on `device`: `backend` if given (checked), else the default."""
+def select(backend: str | None, device: torch.device, op: str = DEFAULT_OP) -> str:
+    """The backend to run `op` on `device`: `backend` if given (checked), else the default."""
     if backend is None:
-        return _default_backend(device.type, os.environ.get("AMP_ENGINE_BACKEND") or None)
-    reason = _checked(backend, device.type)
+        return _default_backend(device.type, os.environ.get("AMP_ENGINE_BACKEND") or None, op)
+    reason = _checked(backend, device.type, op)
     if reason is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run on {device}: {reason}")
+        raise RuntimeError(f"backend={backend!r} cannot run {op} on {device}: {reason}")
     return backend
 
 
 @functools.lru_cache(maxsize=None)
-def _checked(backend: str, device_type: str) -> str | None:
-    return unavailable_reason(backend, device_type)
+def _checked(backend: str, device_type: str, op: str) -> str | None:
+    return unavailable_reason(backend, device_type, op)
+
+
+def python_backend(name: str, op: str):
+    """The module implementing `op` for the Python backend `name` ("reference" or "triton")."""
+    return importlib.import_module(OPS[op][0 if name == "reference" else 1])
 
 
 def _register_fakes() -> None:

@@ -3,14 +3,15 @@
 ``adam_step_`` (Adam / AdamW) and ``sgd_step_`` update a whole list of params on
 one device in one call (one launch per dtype group inside). The arithmetic
 contract, the skip rule and the stochastic-rounding bits are written down in
-:mod:`amp_engine.ops.optim_reference`, the truth every backend is tested against
+:mod:`amp_engine.ops.reference.optim`, the truth every backend is tested against
 (tests/optim/test_step_ops.py compares bitwise).
 
-Backends: "cpp" (csrc/cpu/{adam,sgd}_step.cpp), "cuda" (csrc/cuda, to come),
-"triton" (module ``amp_engine.ops.triton_optim`` with functions ``adam_step_`` /
+Backends: "cpp" (csrc/cpu/{adam,sgd}_step.cpp), "cuda" (csrc/cuda/{adam,sgd}_step.cu),
+"triton" (module ``amp_engine.ops.triton.optim`` with functions ``adam_step_`` /
 ``sgd_step_`` taking the schema's arguments positionally, like the reference;
-this entry validates before calling it) and "reference". A backend is offered
-only where its kernels for these ops exist (``optim_backends``).
+this entry validates before calling it) and "reference". The backend is chosen
+by :mod:`amp_engine.ops.dispatch` (the one dispatcher of the op layer); a
+backend is offered only where its kernels for these ops exist (``optim_backends``).
 
 For kernel writers, beyond the reference's arithmetic:
 
@@ -22,99 +23,35 @@ For kernel writers, beyond the reference's arithmetic:
 * SR element offsets ``j``: the offset in the param's memory when the param and
   its grad/master/moments are all dense with one layout (walk them as flat
   arrays), else the row-major index (work on contiguous copies, write back);
-* argument checks: csrc/optim_checks.h (C++) = ``check_step_args`` (Python);
-  the SparseCPU/SparseCUDA guards of both ops are registered in
-  csrc/cpu/{adam,sgd}_step.cpp (do not register them again).
+* argument checks: csrc/optim_checks.h (C++, both compiled backends) =
+  ``check_step_args`` (Python: the Python backends and the fake kernels); the
+  SparseCPU/SparseCUDA guards of every op are registered once, in csrc/ops.cpp.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from amp_engine import _extension
-from amp_engine.ops import dispatch, optim_reference
+from amp_engine.ops import dispatch
 from amp_engine.ops.validation import check_scalar_tensor
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _OPS = ("adam_step_", "sgd_step_")
 
 
-@functools.lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result  # torch.compile: a fact of the build, not a graph break
-def _compiled(op: str, key: str) -> bool:
-    if not _extension.LOADED or not hasattr(torch.ops.amp_engine, op):
-        return False
-    dump = torch._C._dispatch_dump(f"amp_engine::{op}")
-    return dump.startswith(f"{key}:") or f"\n{key}:" in dump
-
-
-_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
-
-
-@functools.lru_cache(maxsize=None)
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None if `backend` can run the optimizer ops on `device_type`, else why not."""
-    if backend not in dispatch.BACKENDS:
-        return f"unknown backend {backend!r}; allowed: {', '.join(dispatch.BACKENDS)}"
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        if importlib.util.find_spec("amp_engine.ops.triton_optim") is None:
-            return "this build has no Triton optimizer kernels"
-        return dispatch.unavailable_reason("triton", device_type)
-    key = "CPU" if backend == "cpp" else "CUDA"
-    if device_type != key.lower():
-        return f"{backend!r} runs {key} tensors only, got {device_type}"
-    if not all(_compiled(op, key) for op in _OPS):
-        return f"the compiled library has no {key} optimizer kernels"
-    if backend == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device"
-    return None
-
-
 def optim_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run the optimizer ops on `device`, fastest first."""
-    dtype = torch.device(device).type
-    order = dict.fromkeys(_PREFERENCE.get(dtype, ("reference",)) + ("triton",))
-    return [b for b in order if unavailable_reason(b, dtype) is None]
+    return [b for b in dispatch.available_backends(device, "adam_step_")
+            if dispatch.unavailable_reason(b, device, "sgd_step_") is None]
 
 
-# The backend choice depends on the build and the machine only: a constant for
-# torch.compile, computed eagerly at trace time. Traced, its checks (importlib's
-# find_spec, the dispatcher dump) break the graph on torch 2.11, whose Dynamo
-# inlines lru_cache'd functions.
-@torch.compiler.assume_constant_result
-def _default_backend(device_type: str) -> str:
-    for b in _PREFERENCE.get(device_type, ("reference",)):
-        if unavailable_reason(b, device_type) is None:
-            return b
-    return "reference"
-
-
-_reason_for_compile = torch.compiler.assume_constant_result(unavailable_reason)
-
-
-def _select(backend: str | None, device: torch.device) -> str:
-    if backend is None:
-        backend = os.environ.get("AMP_ENGINE_BACKEND") or None
-        if backend is None:
-            return _default_backend(device.type)
-    reason = _reason_for_compile(backend, device.type)
-    if reason is not None:
-        raise RuntimeError(f"backend={backend!r} cannot run the optimizer ops on {device}: {reason}")
-    return backend
-
-
-def _python_backend(name: str):
-    if name == "reference":
-        return optim_reference
-    return importlib.import_module("amp_engine.ops.triton_optim")
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run both optimizer ops on `device_type`, else why not."""
+    return (dispatch.unavailable_reason(backend, device_type, "adam_step_")
+            or dispatch.unavailable_reason(backend, device_type, "sgd_step_"))
 
 
 # ---------------------------------------------------------------- validation
@@ -259,7 +196,7 @@ def adam_step_(
             lr_f, inv_scale, found_inf, rng_state, float(beta1), float(beta2), float(eps),
             float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
             bool(stochastic_rounding))
-    name = _select(backend, device)
+    name = dispatch.select(backend, device, "adam_step_")
     if name in ("cpp", "cuda"):
         torch.ops.amp_engine.adam_step_(*args)
         return
@@ -274,7 +211,7 @@ def adam_step_(
         states["max_exp_avg_sqs"] = max_exp_avg_sqs
     check_step_args(params, grads, masters, states, steps, lr_tensor, lr_f, inv_scale, found_inf,
                     rng_state, stochastic_rounding)
-    _python_backend(name).adam_step_(*args)
+    dispatch.python_backend(name, "adam_step_").adam_step_(*args)
 
 
 def sgd_step_(
@@ -301,7 +238,7 @@ def sgd_step_(
     args = (params, grads, masters, momentum_buffers, steps, lr_tensor, lr_f, inv_scale,
             found_inf, rng_state, float(momentum), float(dampening), float(weight_decay),
             bool(nesterov), bool(maximize), bool(stochastic_rounding))
-    name = _select(backend, device)
+    name = dispatch.select(backend, device, "sgd_step_")
     if name in ("cpp", "cuda"):
         torch.ops.amp_engine.sgd_step_(*args)
         return
@@ -314,7 +251,7 @@ def sgd_step_(
     states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
     check_step_args(params, grads, masters, states, steps, lr_tensor, lr_f, inv_scale, found_inf,
                     rng_state, stochastic_rounding)
-    _python_backend(name).sgd_step_(*args)
+    dispatch.python_backend(name, "sgd_step_").sgd_step_(*args)
 
 
 def _register_fakes() -> None:

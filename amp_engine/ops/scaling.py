@@ -11,15 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from amp_engine.ops import dispatch, reference, validation
+from amp_engine.ops import dispatch, validation
+from amp_engine.ops.reference.scaling import DEFAULT_MAX_SCALE, DEFAULT_MIN_SCALE
 
-#: Default scale floor. Far below anything a healthy run reaches (torch's scale
-#: gets there only after 40 consecutive back-offs from 2**16), yet its
-#: reciprocal 2**24 is comfortably finite in fp32, so the scale can never reach
-#: 0 and turn the next unscale into 0 * inf = NaN (torch's collapse).
-DEFAULT_MIN_SCALE = 2.0**-24
-#: Default ceiling: none beyond torch's own rule (never grow to inf).
-DEFAULT_MAX_SCALE = float("inf")
 
 
 def _device_of(grads: Sequence[Tensor], fallback: Tensor) -> torch.device:
@@ -39,14 +33,6 @@ def _compiled(op, grads, inv_scale, found_inf, counts, *rest):
     except (RuntimeError, ValueError, TypeError):
         validation.check_check_args(grads, inv_scale, found_inf, counts)
         raise
-
-
-def _python_backend(name: str):
-    if name == "reference":
-        return reference
-    from amp_engine.ops import triton_kernels  # imports triton: only when asked for
-
-    return triton_kernels
 
 
 def unscale_and_check_(
@@ -71,12 +57,12 @@ def unscale_and_check_(
     """
     grads = list(grads)
     device = _device_of(grads, found_inf)
-    name = dispatch.select(backend, device)
+    name = dispatch.select(backend, device, "unscale_and_check_")
     if name in ("cpp", "cuda"):
         _compiled(torch.ops.amp_engine.unscale_and_check_, grads, inv_scale, found_inf, counts)
         return
     validation.check_check_args(grads, inv_scale, found_inf, counts)
-    _python_backend(name).unscale_and_check_(grads, inv_scale, found_inf, counts)
+    dispatch.python_backend(name, "unscale_and_check_").unscale_and_check_(grads, inv_scale, found_inf, counts)
 
 
 def grad_norm_and_check(
@@ -98,13 +84,13 @@ def grad_norm_and_check(
     """
     grads = list(grads)
     device = _device_of(grads, found_inf)
-    name = dispatch.select(backend, device)
+    name = dispatch.select(backend, device, "grad_norm_and_check")
     if name in ("cpp", "cuda"):
         total, per = _compiled(torch.ops.amp_engine.grad_norm_and_check, grads, inv_scale,
                                found_inf, counts, bool(per_tensor))
     else:
         validation.check_check_args(grads, inv_scale, found_inf, counts)
-        total, per = _python_backend(name).grad_norm_and_check(
+        total, per = dispatch.python_backend(name, "grad_norm_and_check").grad_norm_and_check(
             grads, inv_scale, found_inf, counts, bool(per_tensor)
         )
     return (total, per) if per_tensor else total
@@ -135,7 +121,8 @@ def update_scale_(
     while persistent overflow still does. Back-off never goes below
     ``min_scale``; growth never above ``max_scale`` nor to inf.
     """
-    name = dispatch.select(backend, scale.device if isinstance(scale, Tensor) else torch.device("cpu"))
+    name = dispatch.select(backend, scale.device if isinstance(scale, Tensor) else torch.device("cpu"),
+                           "update_scale_")
     args = (
         scale, growth_tracker, hysteresis_tracker, found_inf, float(growth_factor),
         float(backoff_factor), growth_interval, hysteresis, float(min_scale), float(max_scale),
@@ -144,4 +131,4 @@ def update_scale_(
         torch.ops.amp_engine.update_scale_(*args)
         return
     validation.check_update_scale_args(*args)
-    _python_backend(name).update_scale_(*args)
+    dispatch.python_backend(name, "update_scale_").update_scale_(*args)

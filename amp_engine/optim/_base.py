@@ -27,24 +27,32 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from amp_engine.distributed import local_tensor
 from amp_engine.ops.dispatch import BACKENDS
-from amp_engine.optim import _state
+from amp_engine.optim import checkpoint as _state
 
 log = logging.getLogger(__name__)
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-try:  # DTensor params (FSDP2): we update their local shards
-    from torch.distributed.tensor import DTensor
-except Exception:  # noqa: BLE001 - torch without distributed
-    DTensor = None
 
 
-def local(t: Tensor) -> Tensor:
-    """The tensor the kernels update: a DTensor's local shard, else t itself."""
-    if DTensor is not None and isinstance(t, DTensor):
-        return t.to_local()
-    return t
+def check_lr(lr: float | Tensor) -> None:
+    """lr: a non-negative float or one-element tensor (checked once, at construction)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"Invalid learning rate: {float(lr)}; allowed: >= 0")
+
+
+def lr_on_device(lr: float | Tensor, p: Tensor) -> float | Tensor:
+    """A tensor lr on another device than the params is moved once (no sync: H2D async)."""
+    if isinstance(lr, Tensor) and lr.device != p.device and lr.device.type != "cpu":
+        return lr.to(p.device, non_blocking=True)
+    return lr
 
 
 def moment_dtype(p: Tensor) -> torch.dtype:
@@ -171,19 +179,19 @@ class FusedOptimizer(Optimizer):
                 self._init_base_state(state, p, group)
             has_master = "master" in state
             lists = out.setdefault(has_master, {"params": [], "grads": [], "steps": [], "masters": []})
-            lists["params"].append(local(p))
-            lists["grads"].append(local(g))
-            lists["steps"].append(local(state["step"]))
+            lists["params"].append(local_tensor(p))
+            lists["grads"].append(local_tensor(g))
+            lists["steps"].append(local_tensor(state["step"]))
             if has_master:
-                lists["masters"].append(local(state["master"]))
+                lists["masters"].append(local_tensor(state["master"]))
             for key in self._ELEMENT_STATE:
                 if key in state:
-                    lists.setdefault(key, []).append(local(state[key]))
+                    lists.setdefault(key, []).append(local_tensor(state[key]))
         return device, out
 
     def _init_base_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         # step lives on the param's device: the kernels read and bump it there (no sync)
-        state["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
         if self.needs_master(p, group):
             state["master"] = p.detach().to(torch.float32, copy=True)
         self._init_state(state, p, group)

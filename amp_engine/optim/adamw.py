@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from amp_engine.ops.optim_steps import adam_step_
-from amp_engine.optim._base import FusedOptimizer, moment_dtype, to_float
+from amp_engine.optim._base import FusedOptimizer, check_lr, lr_on_device, moment_dtype, to_float
 
 
 class Adam(FusedOptimizer):
@@ -102,7 +102,7 @@ class Adam(FusedOptimizer):
         adam_step_(
             lists["params"], lists["grads"], lists["masters"], lists["exp_avg"],
             lists["exp_avg_sq"], lists.get("max_exp_avg_sq", []) if amsgrad else [],
-            lists["steps"], lr=_lr(group["lr"], lists["params"][0]), beta1=beta1, beta2=beta2,
+            lists["steps"], lr=lr_on_device(group["lr"], lists["params"][0]), beta1=beta1, beta2=beta2,
             eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled=group["decoupled_weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
             inv_scale=inv_scale, found_inf=found_inf, rng_state=group.get("rng_state"),
@@ -143,24 +143,6 @@ class AdamW(Adam):
         super().__setstate__(state)
         for group in self.param_groups:  # as torch: loading any state keeps AdamW decoupled
             group["decoupled_weight_decay"] = True
-
-
-def check_lr(lr: float | Tensor) -> None:
-    """lr: a non-negative float or one-element tensor (checked once, at construction)."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        if not lr.is_floating_point():
-            raise TypeError(f"Tensor lr must be floating point, got {lr.dtype}")
-    if not 0.0 <= float(lr):
-        raise ValueError(f"Invalid learning rate: {float(lr)}; allowed: >= 0")
-
-
-def _lr(lr: float | Tensor, p: Tensor) -> float | Tensor:
-    """A tensor lr on another device than the params is moved once (no sync: H2D async)."""
-    if isinstance(lr, Tensor) and lr.device != p.device and lr.device.type != "cpu":
-        return lr.to(p.device, non_blocking=True)
-    return lr
 
 
 __all__ = ["Adam", "AdamW"]

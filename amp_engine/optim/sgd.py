@@ -7,8 +7,7 @@ import torch
 from torch import Tensor
 
 from amp_engine.ops.optim_steps import sgd_step_
-from amp_engine.optim._base import FusedOptimizer, moment_dtype
-from amp_engine.optim.adamw import _lr, check_lr
+from amp_engine.optim._base import FusedOptimizer, check_lr, lr_on_device, moment_dtype
 
 
 class SGD(FusedOptimizer):
@@ -72,7 +71,7 @@ class SGD(FusedOptimizer):
         sgd_step_(
             lists["params"], lists["grads"], lists["masters"],
             lists.get("momentum_buffer", []) if momentum != 0 else [], lists["steps"],
-            lr=_lr(group["lr"], lists["params"][0]), momentum=momentum,
+            lr=lr_on_device(group["lr"], lists["params"][0]), momentum=momentum,
             dampening=group["dampening"], weight_decay=group["weight_decay"],
             nesterov=group["nesterov"], maximize=group["maximize"], inv_scale=inv_scale,
             found_inf=found_inf, rng_state=group.get("rng_state"),

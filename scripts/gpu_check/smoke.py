@@ -10,7 +10,8 @@ import sys
 import torch
 
 import amp_engine
-from amp_engine.ops import available_backends, reference
+from amp_engine.ops import available_backends
+from amp_engine.ops.reference import scaling as reference
 
 A = torch.ops.amp_engine
 CUDA = torch.cuda.is_available()
@@ -64,7 +65,7 @@ def compare_backend(name, mod_unscale, mod_norm, big):
 
 def graph_replay_after_eviction():
     """Capture a Triton unscale; overflow the table cache; replay must still be right."""
-    from amp_engine.ops import triton_kernels as tk
+    from amp_engine.ops.triton import scaling as tk
     grads = [torch.randn(n, device=dev) for n in (5, 4097, 70001)]
     inv, found = torch.tensor(0.5, device=dev), torch.zeros((), device=dev)
     side = torch.cuda.Stream()
@@ -92,7 +93,7 @@ if CUDA:
     if "cuda" in available_backends("cuda"):
         compare_backend("cuda", A.unscale_and_check_, A.grad_norm_and_check, 320 * 65536 + 4099)
     if "triton" in available_backends("cuda"):
-        from amp_engine.ops import triton_kernels as tk
+        from amp_engine.ops.triton import scaling as tk
         compare_backend("triton", tk.unscale_and_check_, tk.grad_norm_and_check, 4 * 65536 + 4099)
         graph_replay_after_eviction()
     else:

@@ -40,3 +40,40 @@ def test_bench_sizes_selectable(tmp_path, capsys):
                  "--numel", "2000", "--small-tensors", "7", "--output", str(tmp_path)]) == 0
     cases = {r["case"] for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert cases == {"0.002M fp32 in 200 tensors", "7 small fp32 tensors"}
+
+
+def test_train_bench_tiny(tmp_path, capsys, monkeypatch):
+    """`amp-engine bench --train`: three recipes per case, and the bytes per parameter
+    each keeps match what the recipe holds (counted independently here)."""
+    from amp_engine.bench import train_bench
+
+    monkeypatch.setitem(train_bench.SIZES, "tiny", (32, 1, 2))
+    monkeypatch.setattr(train_bench, "cases", lambda quick, device: [("tiny", 2, 8)])
+    assert main(["bench", "--quick", "--only", "scaler", "--train", "--device", "cpu", "--no-plot",
+                 "--min-run-time", "0.01", "--output", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = [r for r in doc["rows"] if r["bench"] == "train step"]
+    assert [r["impl"] for r in rows] == [train_bench.TORCH, train_bench.DROP_IN, train_bench.FULL]
+    assert rows[0]["speedup"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
+    assert all(0 < r["extra"]["optimizer_share"] < 1 for r in rows)
+    n = rows[0]["case"]
+    assert n.startswith("tiny (")
+    # fp32 params + fp32 grads + exp_avg + exp_avg_sq = 16 B/param (+ a few step scalars);
+    # bf16 params + bf16 grads + fp32 master + moments = 16 too (the memory issue lowers it)
+    for r in rows:
+        assert 16.0 <= r["extra"]["bytes_per_param"] < 16.2, r
+
+
+def test_state_bytes_per_param_counts_each_tensor_once():
+    import torch
+
+    from amp_engine.bench.train_bench import state_bytes_per_param
+
+    p = torch.nn.Parameter(torch.zeros(10))
+    model = torch.nn.Module()
+    model.p = p
+    p.grad = torch.zeros(10)
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p]["buf"] = p.grad  # the same tensor twice: counted once
+    opt.state[p]["m"] = torch.zeros(10, dtype=torch.bfloat16)
+    assert state_bytes_per_param(model, opt) == (40 + 40 + 20) / 10

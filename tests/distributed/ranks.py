@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amp_engine.distributed import exit_spawned_rank, shutdown_process_group
+from amp_engine.bench.processes import exit_spawned_rank, shutdown_process_group
 
 WORLD = 2
 

@@ -42,3 +42,37 @@ def clone_all(ts):
 
 def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def torch_unscale_and_check_(grads, inv_scale, found_inf, counts=None) -> None:
+    """The contract of unscale_and_check_ built on torch's own kernel
+    (``torch._amp_foreach_non_finite_check_and_unscale_``, which checks only
+    before scaling): our extra check after scaling and the per-tensor counts are
+    added from ``isfinite`` of the inputs and outputs. An oracle independent of
+    amp_engine's reference, which is compared with it."""
+    for i, g in enumerate(grads):
+        if g.numel() == 0:
+            continue
+        bad_before = ~torch.isfinite(g)
+        torch._amp_foreach_non_finite_check_and_unscale_([g], found_inf, inv_scale)
+        n_bad = (bad_before | ~torch.isfinite(g)).sum()
+        if counts is not None:
+            counts[i] += n_bad
+        if int(n_bad):
+            found_inf.fill_(1.0)
+
+
+def torch_grad_norm_and_check(grads, inv_scale, found_inf, counts=None, per_tensor=True):
+    """grad_norm_and_check's contract from torch's ``_foreach_norm`` (fp64 copies of
+    the unscaled grads) and the oracle above (on copies): independent of our reference."""
+    copies = [g.clone() for g in grads]
+    torch_unscale_and_check_(copies, inv_scale, found_inf, counts)
+    device = found_inf.device
+    unscaled = [(g.double() * inv_scale.double()) for g in grads if g.numel()]
+    norms = torch._foreach_norm(unscaled) if unscaled else []
+    per, it = [], iter(norms)
+    for g in grads:
+        per.append(next(it).float() if g.numel() else torch.zeros((), dtype=torch.float32, device=device))
+    per_t = torch.stack(per).to(device) if per else torch.zeros(0, dtype=torch.float32, device=device)
+    total = per_t.double().pow(2).sum().sqrt().float()
+    return total, per_t

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from amp_engine import ops
-from amp_engine.ops import reference
+from amp_engine.ops.reference import scaling as reference
 from conftest import CPU_BACKENDS
 
 from .cases import DTYPES, assert_bitwise, clone_all, flags, scaled_grad

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from amp_engine import ops
-from amp_engine.ops import available_backends, reference
+from amp_engine.ops import available_backends
+from amp_engine.ops.reference import scaling as reference
 
 from .cases import DTYPES, assert_bitwise, clone_all, mixed_list, scaled_grad
 

@@ -1,4 +1,4 @@
-"""Triton-specific tests of amp_engine.ops.triton_kernels (CPU, TRITON_INTERPRET=1).
+"""Triton-specific tests of amp_engine.ops.triton.scaling (CPU, TRITON_INTERPRET=1).
 
 The general backend-parametrized op tests live beside this file; here: the
 multi-tensor pointer tables (many tensors, chunk boundaries, one launch per
@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from amp_engine.ops import reference
+from amp_engine.ops.reference import scaling as reference
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton needs a GPU, or TRITON_INTERPRET=1 with numpy installed (tests/conftest.py "
                 "sets it when numpy is there)", allow_module_level=True)
 pytest.importorskip("triton")
-from amp_engine.ops import triton_kernels as tk  # noqa: E402
+from amp_engine.ops.triton import scaling as tk  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 # on a GPU these are CUDA tests (scripts/gpu_check.sh runs `-m cuda` first)

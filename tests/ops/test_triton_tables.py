@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from amp_engine.ops import triton_tables
-from amp_engine.ops.triton_tables import CaptureError, LaunchTables, release_captured_tables
+from amp_engine.ops.triton import tables as triton_tables
+from amp_engine.ops.triton.tables import CaptureError, LaunchTables, release_captured_tables
 
 CPU = torch.device("cpu")
 
@@ -94,7 +94,7 @@ needs_triton = pytest.mark.skipif(
 
 @needs_triton
 def test_scaling_launcher_pins_its_captured_table(capturing):
-    from amp_engine.ops import triton_kernels as tk
+    from amp_engine.ops.triton import scaling as tk
 
     grads = [torch.randn(n) for n in (5, 123, 4097)]
     inv, found = torch.tensor(0.5), torch.zeros(())
@@ -115,7 +115,7 @@ def test_scaling_launcher_pins_its_captured_table(capturing):
 @needs_triton
 def test_optimizer_launcher_pins_its_captured_table(capturing):
     from amp_engine import ops
-    from amp_engine.ops import triton_optim
+    from amp_engine.ops.triton import optim as triton_optim
 
     def lists(n):
         params = [torch.randn(n)]

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from amp_engine.ops import optim_reference
+from amp_engine.ops.reference import optim as optim_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SIZES = [0, 1, 5, 123, 4097]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amp_engine.ops import optim_reference as ref
+from amp_engine.ops.reference import optim as ref
 from amp_engine.ops import optim_steps
 from .kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
                                       run)

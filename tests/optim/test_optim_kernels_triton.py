@@ -1,4 +1,4 @@
-"""The Triton optimizer kernels (amp_engine.ops.triton_optim) against the reference.
+"""The Triton optimizer kernels (amp_engine.ops.triton.optim) against the reference.
 
 On CPU they run under TRITON_INTERPRET=1 (tests/conftest.py), on CUDA when a GPU
 is there. Same operations in the same order, each correctly rounded, no fused
@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from amp_engine.ops import adam_step_ as adam_entry
-from amp_engine.ops import optim_reference as ref
+from amp_engine.ops.reference import optim as ref
 from amp_engine.ops import optim_steps
 
 _reason = optim_steps.unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu")
 if _reason is not None:
     pytest.skip(f"the Triton backend cannot run here: {_reason}", allow_module_level=True)
-from amp_engine.ops import triton_optim  # noqa: E402
+from amp_engine.ops.triton import optim as triton_optim  # noqa: E402
 from .kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
                                       run)
 

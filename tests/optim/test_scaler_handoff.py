@@ -1,5 +1,7 @@
 """The scaler hand-off: grad_scale / found_inf / clip_coef as device tensors, read in
 the step (torch's GradScaler and ours), overflow skips, and no host sync."""
+import copy
+
 import pytest
 import torch
 
@@ -158,10 +160,26 @@ def test_step_never_reads_device_values(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("host read of a tensor inside step()")
 
+    # the same step without the scaler's tensors: grads pre-multiplied by
+    # clip_coef / grad_scale = 0.0625 (a power of two: exact in bf16)
+    m_ref = copy.deepcopy(m)
+    opt_ref = AdamW([{"params": m_ref[0].parameters(), "lr": torch.tensor(1e-3)},
+                     {"params": m_ref[2].parameters()}], stochastic_rounding=True)
+    opt_ref.load_state_dict(opt.state_dict())
+    for p, q in zip(m.parameters(), m_ref.parameters()):
+        q.grad = p.grad * 0.0625
+    before = [p.detach().clone() for p in m.parameters()]
+
     for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     opt.grad_scale, opt.found_inf, opt.clip_coef = torch.tensor(8.0), torch.tensor(0.0), torch.tensor(0.5)
     opt.step()
+    monkeypatch.undo()
+
+    opt_ref.step()
+    assert any(not torch.equal(a, b) for a, b in zip(m.parameters(), before))  # it stepped
+    for a, b in zip(m.parameters(), m_ref.parameters()):
+        assert torch.equal(a, b)  # with the scaler's grad_scale and clip_coef applied
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

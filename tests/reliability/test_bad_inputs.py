@@ -17,7 +17,7 @@ from torch import nn
 import amp_engine
 from amp_engine import ops
 from amp_engine.ops import available_backends, optim_backends
-from amp_engine.ops.optim_reference import round_bf16_stochastic, sr_bits
+from amp_engine.ops.reference.optim import round_bf16_stochastic, sr_bits
 from amp_engine.optim import SGD, AdamW
 
 from .faults import mlp, mse, snapshot

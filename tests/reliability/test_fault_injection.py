@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import amp_engine
-from amp_engine.conversion import memory_efficient_options
+from amp_engine.trainer.conversion import memory_efficient_options
 from amp_engine.ops import available_backends, optim_backends
 from amp_engine.optim import SGD, AdamW
 

@@ -242,10 +242,18 @@ def test_sgd_step(backend, device):
 
 @pytest.mark.parametrize("backend,device", OPTIM)
 def test_empty_lists(backend, device):
-    """No params: nothing to do (a custom op with no tensor argument cannot dispatch)."""
-    ops.adam_step_([], [], [], [], [], [], [], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-                   weight_decay=0.0, decoupled=True, backend=backend)
-    ops.sgd_step_([], [], [], [], [], lr=0.1, backend=backend)
+    """No params: nothing to do (a custom op with no tensor argument cannot dispatch):
+    the scalar tensors handed in are left exactly as they were."""
+    lr = torch.tensor(0.1, device=device)
+    inv, found = torch.tensor(0.25, device=device), torch.tensor(0.0, device=device)
+    rng = torch.tensor([7, 3], dtype=torch.int64, device=device)
+    assert ops.adam_step_([], [], [], [], [], [], [], lr=lr, beta1=0.9, beta2=0.99, eps=1e-8,
+                          weight_decay=0.0, decoupled=True, inv_scale=inv, found_inf=found,
+                          rng_state=rng, stochastic_rounding=True, backend=backend) is None
+    assert ops.sgd_step_([], [], [], [], [], lr=lr, inv_scale=inv, found_inf=found, rng_state=rng,
+                         backend=backend) is None
+    assert (lr.item(), inv.item(), found.item(), rng.tolist()) == (
+        pytest.approx(0.1), 0.25, 0.0, [7, 3])
 
 
 def test_every_backend_is_fuzzed():

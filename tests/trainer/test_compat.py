@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-import amp_engine.compat as compat
+import amp_engine.trainer.compat as compat
 from amp_engine import check_amp_compatibility
 
 from .helpers import mlp

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from amp_engine import MixedPrecisionConfig
-from amp_engine.config import field_names
+from amp_engine.trainer.config import field_names
 
 ISSUE_DEFAULTS = {
     "enable_amp": True, "dtype": torch.float16, "enabled": True, "enable_grad_scaler": True,

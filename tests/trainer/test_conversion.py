@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import amp_engine.optim as fused_optim
-from amp_engine.conversion import low_precision_candidates, set_weight_precision, to_fused_optimizer
+from amp_engine.trainer.conversion import low_precision_candidates, set_weight_precision, to_fused_optimizer
 
 from .helpers import CE, InfAt, blobs, make_trainer, mlp, params_of
 

@@ -1,17 +1,12 @@
-"""The README's trainer examples run, and the trainer layer talks only through `logging`."""
+"""The trainer example learns (README blocks themselves run in tests/test_readme.py), and
+the trainer layer talks only through `logging`."""
 import ast
 import logging
 import pathlib
-import re
-
-import pytest
 
 import amp_engine
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = pathlib.Path(amp_engine.__file__).resolve().parent
-TRAINER_MODULES = ["config", "compat", "conversion", "epoch", "memory", "trainer", "trainer_checks",
-                   "trainer_stats", "trial"]
 
 # The example the README shows for the trainer API (kept here verbatim so it stays runnable).
 EXAMPLE = '''
@@ -71,27 +66,14 @@ def test_trainer_example_runs_and_learns(tmp_path, monkeypatch, capsys):
     assert "scale" in capsys.readouterr().out
 
 
-def _readme_blocks() -> list[str]:
-    readme = ROOT / "README.md"
-    if not readme.is_file():
-        return []
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(encoding="utf-8"), flags=re.S)
-    names = ("MixedPrecision", "create_mixed_precision", "check_amp_compatibility")
-    return [b for b in blocks if any(n in b for n in names)]
-
-
-@pytest.mark.parametrize("code", _readme_blocks() or [pytest.param("", marks=pytest.mark.skip(
-    reason="README.md shows no trainer example yet"))])
-def test_readme_trainer_examples_run(code, tmp_path, monkeypatch):
-    _run(code, tmp_path, monkeypatch)
-
-
 def test_trainer_layer_never_prints():
-    for name in TRAINER_MODULES:
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text(encoding="utf-8"))
+    modules = sorted((PACKAGE / "trainer").glob("*.py"))
+    assert len(modules) >= 10  # the package is where this test looks
+    for path in modules:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
                  and isinstance(n.func, ast.Name) and n.func.id == "print"]
-        assert not calls, f"amp_engine/{name}.py calls print() at line {calls[0].lineno}"
+        assert not calls, f"amp_engine/trainer/{path.name} calls print() at line {calls[0].lineno}"
 
 
 def test_training_writes_nothing_to_stdout_and_logs_via_logging(capsys, caplog):

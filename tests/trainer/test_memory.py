@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import amp_engine.optim as fused_optim
-from amp_engine.memory import GB, SavedTensorMeter, memory_comparison, state_bytes
+from amp_engine.trainer.memory import GB, SavedTensorMeter, memory_comparison, state_bytes
 
 from .helpers import CE, blobs, make_trainer, mlp
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import amp_engine.trainer as trainer_module
+import amp_engine.trainer.trainer as trainer_module
 
 from .helpers import CE, InfAt, blobs, make_trainer, mlp, params_of
 

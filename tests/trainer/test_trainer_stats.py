@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from amp_engine.memory import GB
-from amp_engine.trainer_stats import TrainerStats, json_safe, save_json
+from amp_engine.trainer.memory import GB
+from amp_engine.trainer.stats import TrainerStats, json_safe, save_json
 
 from .helpers import CE, InfAt, blobs, make_trainer
 

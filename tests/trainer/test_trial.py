@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from amp_engine.trainer_checks import accuracy_counts, sync_metrics
-from amp_engine.trial import (cast_floats, first_tensor, infer_sample_input, isolated_pass, move_to,
+from amp_engine.trainer.checks import accuracy_counts, sync_metrics
+from amp_engine.trainer.trial import (cast_floats, first_tensor, infer_sample_input, isolated_pass, move_to,
                               run_model, split_batch)
 
 META = torch.device("meta")

@@ -10,7 +10,7 @@ handles one chunk of ``BLOCK`` elements of one tensor, so a list of any length
 costs one launch per dtype group, never one per tensor. Tables are cached by the
 tensors' (pointer, size, dtype), so a training loop that passes the same grads
 every step builds them and copies them to the device once, not every step (a
-table a CUDA graph captured is pinned, never evicted: see ``triton_tables``).
+table a CUDA graph captured is pinned, never evicted: see ``ops.triton.tables``).
 
 Numerics (the reference's contract, bit for bit): fp32/fp16/bf16 grads are
 unscaled as ``float32(g) * inv_scale`` in fp32 and rounded to the grad's dtype at
@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from amp_engine.ops.triton_tables import LaunchTables
+from amp_engine.ops.reference.scaling import DEFAULT_MIN_SCALE
+from amp_engine.ops.triton.tables import LaunchTables
 
 #: Elements per program (one chunk). Large enough that a GPU program streams
 #: several vector loads per thread; small enough that the last, partial chunk of
@@ -172,7 +173,7 @@ class _Plan(NamedTuple):
     groups: tuple[tuple[int, int, int], ...]  # (kind, first chunk, number of chunks)
 
 
-#: launch tables by layout; see triton_tables for what CUDA graph capture does to them
+#: launch tables by layout; see ops.triton.tables for what CUDA graph capture does to them
 TABLES: LaunchTables[_Plan] = LaunchTables("loss-scaling ops", capacity=32)
 
 
@@ -318,7 +319,7 @@ def update_scale_(
     backoff_factor: float,
     growth_interval: int,
     hysteresis: int = 1,
-    min_scale: float = 0.0,
+    min_scale: float = DEFAULT_MIN_SCALE,
     max_scale: float = float("inf"),
 ) -> None:
     """One-program scale update on the scale's device; see reference.update_scale_.

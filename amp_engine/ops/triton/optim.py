@@ -1,7 +1,7 @@
 """Triton backend of the fused optimizer steps ``adam_step_`` and ``sgd_step_``.
 
 Plain launcher functions with the reference's signatures (the arithmetic contract:
-:mod:`amp_engine.ops.optim_reference`; the kernels: ``triton_optim_kernels``). One
+:mod:`amp_engine.ops.reference.optim`; the kernels: ``triton_optim_kernels``). One
 launch per (param dtype, grad dtype) group over the whole list: the tensors'
 addresses go to the kernel in an int64 pointer table (cached, so a steady training
 loop copies none), one program per chunk of one tensor. A last one-program launch
@@ -19,9 +19,9 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from amp_engine.ops.optim_reference import walks_memory
-from amp_engine.ops.triton_optim_kernels import adam_kernel, count_step_kernel, sgd_kernel
-from amp_engine.ops.triton_tables import LaunchTables
+from amp_engine.ops.reference.optim import walks_memory
+from amp_engine.ops.triton.optim_kernels import adam_kernel, count_step_kernel, sgd_kernel
+from amp_engine.ops.triton.tables import LaunchTables
 
 # Elements per program (CHUNK) and per loop step (BLOCK). The interpreter runs
 # programs one by one in numpy, so there wider blocks only cut Python overhead.
@@ -33,7 +33,7 @@ _BLOCK_DEFAULT = 4096
 _STORAGE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.uint16,
             torch.float64: tl.float64}
 #: pointer tables by content: a steady training loop copies none; a table a CUDA
-#: graph captured is pinned, never evicted (see triton_tables)
+#: graph captured is pinned, never evicted (see ops.triton.tables)
 TABLES: LaunchTables[Tensor] = LaunchTables("optimizer steps", capacity=16)
 
 

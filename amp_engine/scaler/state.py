@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.amp.grad_scaler import OptState
 
-from amp_engine.stats import named_parameter_ids
+from amp_engine.scaler.stats import named_parameter_ids
 
 logger = logging.getLogger("amp_engine.scaler")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from amp_engine.scaler import GradScaler
-from scaler_cases import ContractSGD, single_thread  # noqa: F401
+from .cases import ContractSGD, single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -142,7 +142,9 @@ def count_syncs():
             caller = sys._getframe(1).f_code.co_filename
             # the Triton launcher turns Python floats into fp32 through a host tensor
             # (torch.tensor(x).item()): host-only, not a device sync
-            if not caller.endswith(os.path.join("ops", "triton_kernels.py")):
+            # AmpStats makes a numpy view of its host-memory floor counter once: no copy
+            host_view = name == "numpy" and caller.endswith(os.path.join("scaler", "stats.py"))
+            if not caller.endswith(os.path.join("ops", "triton", "scaling.py")) and not host_view:
                 calls.append(name)
             return fn(self, *a, **k)
         return counted

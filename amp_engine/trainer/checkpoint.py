@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from amp_engine.conversion import set_weight_precision
-from amp_engine.optim import _state as optim_state
+from amp_engine.trainer.conversion import set_weight_precision
+from amp_engine.optim import checkpoint as optim_state
 from amp_engine.scaler import GradScaler
-from amp_engine.trainer_stats import TrainerStats
+from amp_engine.trainer.stats import TrainerStats
 
 FORMAT = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -74,7 +74,7 @@ class TrainerStateMixin:
             "checked_dtype": self._checked_dtype,
             "floor_run": self._floor_run,
             "optimizer_steps": self._n_optimizer_steps,
-            "memory_steps": [self._memory._measured, self._memory._steps],
+            "memory_steps": self._memory.state(),
             "stats": dataclasses.asdict(self.stats),
             "overflow_baseline": dict(self._overflow_baseline),
             "validation": self.validation,
@@ -99,7 +99,7 @@ class TrainerStateMixin:
         self._amp_wanted, self.fallback_reason = sd["amp_wanted"], sd["fallback_reason"]
         self._checked_dtype, self.stats = sd["checked_dtype"], stats
         self._floor_run, self._n_optimizer_steps = sd["floor_run"], sd["optimizer_steps"]
-        self._memory._measured, self._memory._steps = sd["memory_steps"]
+        self._memory.load_state(sd["memory_steps"])
         self._overflow_baseline = dict(sd["overflow_baseline"])
         self.validation = sd["validation"]
         if self._low_params and weights is not None and self._low_params[0].dtype != _DTYPES[weights]:

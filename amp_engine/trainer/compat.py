@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from amp_engine.config import parse_dtype
-from amp_engine.trial import first_tensor, infer_sample_input, isolated_pass, model_device, run_model
+from amp_engine.trainer.config import parse_dtype
+from amp_engine.trainer.trial import first_tensor, infer_sample_input, isolated_pass, model_device, run_model
 
 _LOW = (torch.float16, torch.bfloat16)
 

@@ -8,7 +8,7 @@ import torch
 
 from amp_engine.ops import DEFAULT_MIN_SCALE
 from amp_engine.scaler import GradScaler
-from scaler_cases import ContractSGD, single_thread  # noqa: F401
+from .cases import ContractSGD, single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

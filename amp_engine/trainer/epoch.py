@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from amp_engine import _optional
-from amp_engine.config import MixedPrecisionConfig
-from amp_engine.trainer import LossFn, MixedPrecisionTrainer
-from amp_engine.trial import is_plateau, model_device, split_batch
+from amp_engine.trainer.config import MixedPrecisionConfig
+from amp_engine.trainer.trainer import LossFn, MixedPrecisionTrainer
+from amp_engine.trainer.trial import is_plateau, model_device, split_batch
 
 
 def _progress(loader: Iterable, show: bool, asked: bool, desc: str):

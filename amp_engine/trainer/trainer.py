@@ -22,16 +22,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from amp_engine.compat import autocast_support, check_amp_compatibility
-from amp_engine.config import MixedPrecisionConfig
-from amp_engine.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
+from amp_engine.trainer.compat import autocast_support, check_amp_compatibility
+from amp_engine.trainer.config import MixedPrecisionConfig
+from amp_engine.trainer.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
                                    rebind_scheduler, set_weight_precision, to_fused_optimizer)
 from amp_engine.distributed import is_data_parallel, replica_group
 from amp_engine.scaler import GradScaler
-from amp_engine.trainer_checks import StepMemory, compare_outputs, sync_metrics
-from amp_engine.trainer_state import TrainerStateMixin
-from amp_engine.trainer_stats import TrainerStats, TrainerStatsMixin
-from amp_engine.trial import (cast_floats, is_plateau, model_device, move_to, run_model,
+from amp_engine.trainer.checks import StepMemory, compare_outputs, sync_metrics
+from amp_engine.trainer.checkpoint import TrainerStateMixin
+from amp_engine.trainer.stats import TrainerStats, TrainerStatsMixin
+from amp_engine.trainer.trial import (cast_floats, is_plateau, model_device, move_to, run_model,
                                split_batch)
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -50,7 +50,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         scheduler: an LR scheduler stepped after every *applied* optimizer step
             (not after skipped ones; ReduceLROnPlateau is left to the caller).
 
-    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (amp_engine.trainer_state)
+    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` (amp_engine.trainer.checkpoint)
     save the trainer, its scaler, optimizer and scheduler; resume is bitwise exact.
     """
 
@@ -81,7 +81,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         self._checked_dtype = False
         self._floor_run = 0
         self._n_optimizer_steps = 0  # for the log / cache-clear intervals (also without monitoring)
-        self._memory = StepMemory(self)
+        self._memory = StepMemory(self.model, self.logger)
         self._overflow_baseline: dict[str, int] = {}
         self._low_params: list[nn.Parameter] = []
         if config.check_compatibility and self._amp_wanted:
@@ -164,7 +164,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
                 self._fall_back(why)
         amp = self.amp_enabled
         if amp and self.config.validate_amp and self.validation is None:
-            self.validation = compare_outputs(self, inputs, device)
+            self.validation = compare_outputs(self.model, self.config, self.logger, inputs, device)
         if amp and self.config.track_memory_usage:
             self._memory.prepare_reference(inputs, targets, loss_fn, device)
         if amp and self.scaler is None and self.config.enable_grad_scaler:
@@ -217,7 +217,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         if self._micro == 0:
             self._start_window(device, inputs, targets, loss_fn)
         amp = self._window_amp
-        measure = amp and self._micro == n - 1 and self._memory.due()
+        measure = amp and self._micro == n - 1 and self._memory.due(self.config)
         try:
             with self._memory.forward(measure, device):
                 outputs, loss = self._forward(inputs, targets, loss_fn, device, amp)
@@ -288,7 +288,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             opt.step()
         if measure:
-            self._memory.record(device)
+            self._memory.record(device, opt, self.stats if self.config.enable_monitoring else None)
         opt.zero_grad(set_to_none=True)
         return grad_norm, found_inf
 
@@ -393,10 +393,8 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
             self._clear_cache(self._device)
 
 
-def create_mixed_precision_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                                   logger: logging.Logger | None = None, scheduler: Any = None,
-                                   **config_fields: Any) -> MixedPrecisionTrainer:
-    """A :class:`MixedPrecisionTrainer` with a config made of ``config_fields``
-    (unknown field names raise TypeError listing the allowed ones)."""
+def create_mixed_precision_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, *, logger:
+                                   logging.Logger | None = None, scheduler: Any = None, **config_fields: Any):
+    """A trainer configured by ``config_fields`` (unknown names raise TypeError naming them)."""
     return MixedPrecisionTrainer(MixedPrecisionConfig.from_dict(config_fields), model, optimizer,
                                  logger=logger, scheduler=scheduler)

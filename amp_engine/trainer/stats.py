@@ -4,7 +4,7 @@ Everything here is plain Python numbers that :class:`MixedPrecisionTrainer`
 already has on the host (a step's metrics are synced once for its return
 value), so keeping statistics costs no extra device synchronization. The
 scaler's per-parameter overflow attribution lives on the device
-(amp_engine.stats.AmpStats) and is read only when statistics are asked for.
+(amp_engine.scaler.stats.AmpStats) and is read only when statistics are asked for.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from amp_engine.memory import GB
+from amp_engine.trainer.memory import GB
 
 
 @dataclass

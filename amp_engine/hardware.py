@@ -1,4 +1,5 @@
-"""What the CPU offers for bf16, and how busy the machine is.
+"""What the CPU is and offers for bf16, and how busy the machine is (for the
+demo, the benchmarks and `amp-engine info`).
 
 Mixed precision on a CPU pays off only with native bf16 math: AVX512-BF16
 (bf16 dot-product instructions) or AMX (tile matrix units). Without them
@@ -9,10 +10,9 @@ a machine is in, so a slow AMP run is explained rather than hidden.
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
-
-from amp_engine.bench.common import cpu_model  # noqa: F401 - re-exported for the demo and info
 
 BF16_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
@@ -87,3 +87,15 @@ def default_threads(processes: int = 1) -> tuple[int, str]:
     if free == n:
         return n, f"{n} (torch's default)"
     return free, f"{free} of {n}: the machine is busy (load {load:.1f} on {cores} cores)"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (from /proc/cpuinfo; platform's guess elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from amp_engine.distributed import exit_spawned_rank, shutdown_process_group
+from amp_engine.bench.processes import exit_spawned_rank, shutdown_process_group
 
 WORLD = 2
 
@@ -20,7 +20,7 @@ def _opt(name, params):
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=0.01, fused=True)
-    from scaler_cases import ContractSGD
+    from .cases import ContractSGD
 
     return ContractSGD(params, lr=0.1)
 

@@ -24,6 +24,7 @@ GradScaler.stats).
 from __future__ import annotations
 
 import importlib.util
+import re
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -103,6 +104,17 @@ class AmpStats:
             self.counts = torch.cat([self.counts, self.counts.new_zeros(new)])
             self.ring = torch.cat([self.ring, self.ring.new_zeros(self._rows, new)], dim=1)
         return cols
+
+    def name_grad_error(self, error: Exception, cols: list[int], names: dict[int, str]) -> Exception:
+        """An op's error about ``grads[i]`` (its index in one call, ``cols`` its columns),
+        reworded to name the param (``names``: {id(param): name})."""
+        match = re.search(r"grads\[(\d+)\]", str(error))
+        if match is None or int(match.group(1)) >= len(cols):
+            return error
+        ref, where = self._columns[cols[int(match.group(1))]]
+        name = names.get(id(ref()))
+        where = f"{where} ({name!r})" if name else where
+        return type(error)(f"the grad of param {where}: {error}")
 
     def record_update(self, found_inf: Tensor, scale: Tensor, min_scale: float) -> None:
         """Account one update: found_inf (0-dim fp32, exactly 0.0/1.0) and the scale after it.

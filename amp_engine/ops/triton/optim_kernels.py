@@ -1,6 +1,6 @@
-"""Triton kernels of the fused optimizer steps (launched by :mod:`amp_engine.ops.triton_optim`).
+"""Triton kernels of the fused optimizer steps (launched by :mod:`amp_engine.ops.triton.optim`).
 
-Arithmetic: exactly :mod:`amp_engine.ops.optim_reference`, so the GPU and
+Arithmetic: exactly :mod:`amp_engine.ops.reference.optim`, so the GPU and
 ``TRITON_INTERPRET=1`` (CPU) agree with it bitwise:
 
 * no fused multiply-adds (the launcher passes ``enable_fp_fusion=False``), IEEE

@@ -31,7 +31,7 @@ scale never goes below ``min_scale``. What changes:
   back off on the ``hysteresis``-th consecutive overflow; a clean step refills).
 * **Overflow statistics**: on-device counters of steps, skipped steps and
   non-finite grad elements per parameter; :meth:`GradScaler.overflow_report`
-  names the parameters that overflowed most and when. See amp_engine.stats.
+  names the parameters that overflowed most and when. See amp_engine.scaler.stats.
 * **Distributed**: with ``process_group`` (DDP) or DTensor (FSDP2) grads, found_inf
   is MAX-reduced across ranks before any skip decision, in one small all-reduce
   per step that also carries the overflow counts (so every rank's report names
@@ -41,7 +41,6 @@ scale never goes below ``min_scale``. What changes:
 from __future__ import annotations
 
 import numbers
-import re
 import weakref
 from collections import defaultdict
 from typing import Any
@@ -52,10 +51,10 @@ from torch.amp.grad_scaler import OptState
 
 from amp_engine import ops
 from amp_engine.distributed import all_reduce_step_
-from amp_engine.scaler_clip import ClipMixin
-from amp_engine.scaler_grads import OptimizerGrads
-from amp_engine.scaler_state import StateMixin, check_config, refresh_per_optimizer_state
-from amp_engine.stats import AmpStats
+from amp_engine.scaler.clip import ClipMixin
+from amp_engine.scaler.grads import OptimizerGrads
+from amp_engine.scaler.state import StateMixin, check_config, refresh_per_optimizer_state
+from amp_engine.scaler.stats import AmpStats
 
 __all__ = ["GradScaler", "OptState"]
 
@@ -203,19 +202,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
                 try:
                     op(grads, inv, fi, counts)
                 except (ValueError, TypeError) as error:
-                    raise self._grad_error(error, cols) from None
+                    raise self._stats.name_grad_error(error, cols, self._names()) from None
             grp.flush(self._stats, counts, index)
         return found
-
-    def _grad_error(self, error: Exception, cols: list[int]) -> Exception:
-        """The op's error about ``grads[i]`` (its index in one call), naming the param."""
-        match = re.search(r"grads\[(\d+)\]", str(error))
-        if match is None or int(match.group(1)) >= len(cols):
-            return error
-        ref, where = self._stats._columns[cols[int(match.group(1))]]
-        name = self._names().get(id(ref()))
-        where = f"{where} ({name!r})" if name else where
-        return type(error)(f"the grad of param {where}: {error}")
 
     def _check_inf_per_device(self, optimizer) -> dict:
         """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here).

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from amp_engine.distributed import local_tensor
+
 log = logging.getLogger(__name__)
 
 #: per-param state kept in full precision (never cast to the param's dtype)
@@ -42,9 +44,7 @@ def ensure_rng_state(group: dict[str, Any]) -> None:
 
 
 def _local_device(device: torch.device, params) -> torch.device:
-    from amp_engine.optim._base import local
-
-    return local(params[0]).device if params else device
+    return local_tensor(params[0]).device if params else device
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -192,8 +192,6 @@ def _moment_dtype(p: Tensor) -> torch.dtype:
 
 def _fix_param_state(optimizer, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> tuple[int, int]:
     """Bring one param's loaded state to what the kernels expect; (rebuilt, dropped) masters."""
-    from amp_engine.optim._base import local
-
     rebuilt = dropped = 0
     if state.get("momentum_buffer", 0) is None:  # torch SGD's "no buffer yet"
         del state["momentum_buffer"]
@@ -202,7 +200,7 @@ def _fix_param_state(optimizer, state: dict[str, Any], p: Tensor, group: dict[st
     step = state["step"]
     if not isinstance(step, Tensor):
         step = torch.tensor(float(step))
-    state["step"] = step.detach().reshape(()).to(device=local(p).device, dtype=torch.float32, copy=True)
+    state["step"] = step.detach().reshape(()).to(device=local_tensor(p).device, dtype=torch.float32, copy=True)
     wants = optimizer.needs_master(p, group)
     if wants and "master" not in state:
         state["master"] = p.detach().to(torch.float32, copy=True)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from amp_engine import distributed
-from amp_engine.stats import AmpStats
+from amp_engine.scaler.stats import AmpStats
 
 def _param_lists(optimizer) -> tuple[list, tuple[int, ...]]:
     """The param groups' lists and their lengths: what a cached entry is checked against."""

@@ -18,6 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+#: Default scale floor. Far below anything a healthy run reaches (torch's scale
+#: gets there only after 40 consecutive back-offs from 2**16), yet its
+#: reciprocal 2**24 is comfortably finite in fp32, so the scale can never reach
+#: 0 and turn the next unscale into 0 * inf = NaN (torch's collapse).
+DEFAULT_MIN_SCALE = 2.0**-24
+#: Default ceiling: none beyond torch's own rule (never grow to inf).
+DEFAULT_MAX_SCALE = float("inf")
+
 
 def _unscaled(g: Tensor, inv_scale: Tensor) -> Tensor:
     """The unscaled values in the compute type (fp32, or fp64 for fp64 grads)."""
@@ -79,7 +87,7 @@ def update_scale_(
     backoff_factor: float,
     growth_interval: int,
     hysteresis: int = 1,
-    min_scale: float = 0.0,
+    min_scale: float = DEFAULT_MIN_SCALE,
     max_scale: float = float("inf"),
 ) -> None:
     """torch._amp_update_scale_ with hysteresis and bounds.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from amp_engine.scaler import GradScaler
-from scaler_cases import ContractSGD, assert_same_trajectory, single_thread, trajectory  # noqa: F401
+from .cases import ContractSGD, assert_same_trajectory, single_thread, trajectory  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from amp_engine.scaler import GradScaler
-from scaler_cases import ContractSGD, single_thread  # noqa: F401
+from .cases import ContractSGD, single_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BOTH = [pytest.param(torch.amp.GradScaler, id="torch"), pytest.param(GradScaler, id="ours")]

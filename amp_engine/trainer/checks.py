@@ -1,7 +1,7 @@
 """What the trainer measures around its steps: AMP validation (``validate_amp``),
 memory (``track_memory_usage``) and accuracy counts.
 
-See amp_engine.memory for how memory is measured. Here: *when*. The CPU figure
+See amp_engine.trainer.memory for how memory is measured. Here: *when*. The CPU figure
 comes from the real step (saved-tensor hooks around its forward); on CUDA the
 peak allocated memory of the real step's forward+backward is compared with an
 fp32 forward+backward of the first AMP batch, run once, side-effect free,
@@ -13,17 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from amp_engine.distributed import is_dtensor
-from amp_engine.memory import SavedTensorMeter, cuda_pass_peak, memory_comparison, state_bytes
-from amp_engine.trial import first_tensor, isolated_pass, run_model
-
-if TYPE_CHECKING:
-    from amp_engine.trainer import MixedPrecisionTrainer
+from amp_engine.trainer.memory import SavedTensorMeter, cuda_pass_peak, memory_comparison, state_bytes
+from amp_engine.trainer.trial import first_tensor, isolated_pass, run_model
 
 
 def accuracy_counts(output: Tensor | None, targets: Any) -> tuple[Tensor, Tensor] | None:
@@ -78,10 +75,14 @@ def _grad_bytes(model: torch.nn.Module) -> int:
 
 
 class StepMemory:
-    """Memory measurements of a trainer's AMP steps (first one, then every memory_interval)."""
+    """Memory measurements of a trainer's AMP steps (first one, then every memory_interval).
 
-    def __init__(self, trainer: "MixedPrecisionTrainer") -> None:
-        self._trainer = trainer
+    Holds the model it measures and the trainer's logger; the config and the
+    statistics it records into are handed in per call (the trainer may replace them).
+    """
+
+    def __init__(self, model: torch.nn.Module, logger) -> None:
+        self._model, self._logger = model, logger
         self._fp32_reference: int | None = None  # CUDA: fp32 forward+backward bytes
         self.reset()
 
@@ -90,9 +91,15 @@ class StepMemory:
         self._steps = 0
         self._pending: dict[str, Any] | None = None
 
-    def due(self) -> bool:
-        """Whether the optimizer step being completed is to be measured."""
-        cfg = self._trainer.config
+    def state(self) -> list[int]:
+        """[measured steps, counted steps]: what a checkpoint keeps."""
+        return [self._measured, self._steps]
+
+    def load_state(self, state: list[int]) -> None:
+        self._measured, self._steps = int(state[0]), int(state[1])
+
+    def due(self, cfg) -> bool:
+        """Whether the optimizer step being completed is to be measured (cfg: MixedPrecisionConfig)."""
         if not cfg.track_memory_usage:
             return False
         self._steps += 1
@@ -104,7 +111,7 @@ class StepMemory:
         """CUDA: measure the fp32 forward+backward once (weights must still be fp32)."""
         if device.type != "cuda" or self._fp32_reference is not None:
             return
-        model = self._trainer.model
+        model = self._model
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
             return  # no fp32 reference possible: the saved-tensor figure is used instead
         with isolated_pass(model):
@@ -120,7 +127,7 @@ class StepMemory:
         if not measure:
             yield
             return
-        model = self._trainer.model
+        model = self._model
         exclude = list(model.parameters()) + list(model.buffers())
         pending: dict[str, Any] = {"grad_bytes": _grad_bytes(model)}
         if device.type == "cuda":
@@ -135,39 +142,39 @@ class StepMemory:
         """After the measured backward, before the optimizer step: the CUDA peak."""
         pending = self._pending
         if pending is not None and device.type == "cuda":
-            new_grads = _grad_bytes(self._trainer.model) - pending["grad_bytes"]
+            new_grads = _grad_bytes(self._model) - pending["grad_bytes"]
             peak = torch.cuda.max_memory_allocated(device) - pending["base"]
             pending["activations"] = max(0, peak - new_grads)
 
-    def record(self, device: torch.device) -> None:
-        """After backward and the optimizer step (grads still there): one measurement."""
+    def record(self, device: torch.device, optimizer, stats=None) -> None:
+        """After backward and the optimizer step (grads still there): one measurement,
+        recorded into ``stats`` (a TrainerStats) when given."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        trainer = self._trainer
         meter = pending["meter"]
-        state = state_bytes(trainer.model, trainer.optimizer)
+        state = state_bytes(self._model, optimizer)
         act_amp, act_fp32, method = meter.saved_bytes, meter.fp32_bytes, "saved_tensors"
         if "activations" in pending and self._fp32_reference is not None:
             act_amp, act_fp32 = pending["activations"], self._fp32_reference
             method = "cuda_peak_allocated"
         measurement = memory_comparison(act_fp32, act_amp, state, method)
         self._measured += 1
-        if trainer.config.enable_monitoring:
-            trainer.stats.record_memory(measurement)
-        trainer.logger.debug("memory (%s): AMP %.3f MB vs fp32 %.3f MB", method,
-                             measurement["amp_bytes"] / 1e6, measurement["fp32_bytes"] / 1e6)
+        if stats is not None:
+            stats.record_memory(measurement)
+        self._logger.debug("memory (%s): AMP %.3f MB vs fp32 %.3f MB", method,
+                           measurement["amp_bytes"] / 1e6, measurement["fp32_bytes"] / 1e6)
 
 
 @torch.no_grad()
-def compare_outputs(trainer: "MixedPrecisionTrainer", inputs: Any, device: torch.device) -> dict[str, Any]:
+def compare_outputs(model: torch.nn.Module, cfg, logger, inputs: Any,
+                    device: torch.device) -> dict[str, Any]:
     """validate_amp: the first batch's forward in fp32 and under autocast, compared.
 
     Returns ``{max_abs_error, max_rel_error (max |amp - fp32| / max |fp32|),
     tolerance, amp_finite, passed}`` (or ``error`` if the AMP forward raised);
     logs a warning when it did not pass. Side-effect free (isolated_pass).
     """
-    cfg, model = trainer.config, trainer.model
     result: dict[str, Any] = {"tolerance": cfg.validate_tolerance}
     with isolated_pass(model):
         ref = first_tensor(run_model(model, inputs))
@@ -177,7 +184,7 @@ def compare_outputs(trainer: "MixedPrecisionTrainer", inputs: Any, device: torch
             amp = first_tensor(run_model(model, inputs))
     except RuntimeError as e:
         result.update(passed=False, error=f"{type(e).__name__}: {e}")
-        trainer.logger.warning("validate_amp: the forward fails under autocast: %s", e)
+        logger.warning("validate_amp: the forward fails under autocast: %s", e)
         return result
     if ref is None or amp is None or not ref.is_floating_point():
         result.update(passed=True, note="no floating-point output to compare")
@@ -191,9 +198,9 @@ def compare_outputs(trainer: "MixedPrecisionTrainer", inputs: Any, device: torch
     passed = amp_finite and max_rel <= cfg.validate_tolerance
     result.update(max_abs_error=max_abs, max_rel_error=max_rel, amp_finite=amp_finite, passed=passed)
     if not passed:
-        trainer.logger.warning("validate_amp: autocast(%s) output differs from fp32 by %.3g "
-                               "(relative to max |output|), tolerance %.3g%s", cfg.dtype, max_rel,
-                               cfg.validate_tolerance, "" if amp_finite else "; AMP output is non-finite")
+        logger.warning("validate_amp: autocast(%s) output differs from fp32 by %.3g "
+                       "(relative to max |output|), tolerance %.3g%s", cfg.dtype, max_rel,
+                       cfg.validate_tolerance, "" if amp_finite else "; AMP output is non-finite")
     else:
-        trainer.logger.debug("validate_amp: relative error %.3g within %.3g", max_rel, cfg.validate_tolerance)
+        logger.debug("validate_amp: relative error %.3g within %.3g", max_rel, cfg.validate_tolerance)
     return result
