@@ -18,10 +18,11 @@ import torch
 
 from amp_engine.ops.reference import scaling as reference
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton needs a GPU, or TRITON_INTERPRET=1 with numpy installed (tests/conftest.py "
-                "sets it when numpy is there)", allow_module_level=True)
-pytest.importorskip("triton")
+from amp_engine.ops import dispatch  # noqa: E402
+
+_reason = dispatch.unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu")
+if _reason is not None:  # e.g. no GPU and no TRITON_INTERPRET=1 (tests/conftest.py sets it with numpy)
+    pytest.skip(f"the Triton backend cannot run here: {_reason}", allow_module_level=True)
 from amp_engine.ops.triton import scaling as tk  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
