@@ -25,7 +25,7 @@ called (GradScaler.overflow_report, GradScaler.stats).
 """
 from __future__ import annotations
 
-import importlib.util
+import ctypes
 import re
 import weakref
 from collections.abc import Iterable, Sequence
@@ -38,13 +38,13 @@ from amp_engine.ops.reference.scaling import after_update_
 __all__ = ["AmpStats"]
 
 
-def _host_view(t: Tensor):
-    """What to read a small host tensor through: a numpy view when numpy is there
-    (int() of it calls no tensor method, so no dispatcher cost per read), else the
-    tensor itself (numpy is optional: ``import amp_engine`` needs torch alone)."""
-    if importlib.util.find_spec("numpy") is None:
-        return t
-    return t.numpy()
+def _host_view(t: Tensor) -> ctypes.c_int64:
+    """A ctypes int64 over the memory of `t` (0-dim int64, host): ``.value`` reads it
+    calling no tensor method (no dispatcher cost per read, no Tensor.numpy/item that a
+    host-sync check counts) and needs no numpy. The caller keeps `t` alive beside it."""
+    if t.dtype != torch.int64 or t.numel() != 1 or t.device.type != "cpu":
+        raise ValueError(f"expected a one-element int64 host tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return ctypes.c_int64.from_address(t.data_ptr())
 
 
 class AmpStats:
@@ -83,18 +83,15 @@ class AmpStats:
         values = [self.updates, self._pending["events"], last_above]
         if self.device.type == "cpu":
             # host memory: the kernels write it, floor_run_lagged reads it through _host_view
-            self._floor_host = None
             self.counters = torch.tensor(values, dtype=torch.int64)
-            self._counters_np = _host_view(self.counters)
+            self._floor_host = self.counters[2]  # a view made once: counters keeps it alive
+            self._floor_host_view = _host_view(self._floor_host)
         else:
             self.counters = torch.tensor(values, dtype=torch.int64, device=self.device)
             self._last_above = self.counters[2]  # a view made once: the async copy's source
             self._floor_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
-            self._counters_np = _host_view(self._floor_host.reshape(1))
+            self._floor_host_view = _host_view(self._floor_host)
         self._floor_event = None  # (event, updates when the copy was issued) on CUDA
-
-    def _host_last_above(self) -> int:
-        return int(self._counters_np[2 if self._floor_host is None else 0])
 
     def columns_for(self, params: Sequence[Tensor], names: Sequence[str]) -> list[int]:
         """The counts column of each param, allocating columns for new ones."""
@@ -147,20 +144,20 @@ class AmpStats:
         """floor_run as seen at most ``every`` updates ago, never waiting on the device.
 
         Checked every ``every`` updates. On the CPU the counter is host memory,
-        read through a numpy view made once. On CUDA an async copy into pinned
+        read through a ctypes view made once. On CUDA an async copy into pinned
         memory is issued and read at the next check once its event has
         completed (None until then): no host sync either way.
         """
         if self.device is None or self.updates % every:
             return None
         if self.device.type == "cpu":
-            return self.updates - 1 - self._host_last_above()
+            return self.updates - 1 - self._floor_host_view.value
         value = None
         if self._floor_event is not None:
             event, updates = self._floor_event
             if not event.query():
                 return None  # the previous copy is still in flight: try next time
-            value = updates - 1 - self._host_last_above()
+            value = updates - 1 - self._floor_host_view.value
         self._floor_host.copy_(self._last_above, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -228,7 +225,7 @@ class AmpStats:
         # tensors and weakrefs do not pickle: keep the counters, restart lazily
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("counts", "ring", "counters", "_last_above",
-                              "_floor_host", "_counters_np", "_floor_event",
+                              "_floor_host", "_floor_host_view", "_floor_event",
                               "_columns", "_column_of")}
         state["_pending"] = {"events": self.skipped_steps(), "floor_run": self.floor_run_now()}
         state["device"] = None
