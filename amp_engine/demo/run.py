@@ -36,8 +36,11 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # fp32 + bf16: ~30 s of CPU time; 45-75 s wall measured on a 2-core AVX512-BF16 machine shared
 # with other jobs (CPUs without native bf16 math take ~10x longer for the bf16 run)
 DEFAULT_STEPS = 150
-# the default fp16 run on a CPU: an overflow backoff and a growth fit in it (growth_interval 8)
+# the default fp16 run on a CPU: 20 steps, its scale growing every 4 clean steps, so growth
+# and an overflow's backoff both fit in it (measured: 65536 -> 262144 without overflow in 20
+# steps at growth_interval 8)
 CPU_FP16_STEPS = 20
+CPU_FP16_GROWTH_INTERVAL = 4
 
 
 @dataclass
@@ -60,7 +63,7 @@ class DemoOptions:
     lr: float = 3e-3
     eval_every: int | None = None  # None: 8 evaluations per run
     eval_batches: int = 4
-    growth_interval: int = 8      # short, so the loss scale's growth shows within a demo
+    growth_interval: int = 100    # short, so the loss scale's growth shows within a demo
     memory_efficient: bool = False  # one more run: compact weights, grads and 8-bit Adam moments
     fp16_steps: int | None = None   # None: all steps, CPU_FP16_STEPS for the CPU default's fp16 run
 
@@ -96,8 +99,11 @@ class DemoOptions:
             return self.steps
         if self.fp16_steps is not None:
             return min(self.steps, self.fp16_steps)
-        short = self.dtype == "auto" and self.resolved_device().type == "cpu"
-        return min(self.steps, CPU_FP16_STEPS) if short else self.steps
+        return min(self.steps, CPU_FP16_STEPS) if self.short_fp16() else self.steps
+
+    def short_fp16(self) -> bool:
+        """The CPU default's fp16 run: few steps, and its scale grows every CPU_FP16_GROWTH_INTERVAL."""
+        return self.fp16_steps is None and self.dtype == "auto" and self.resolved_device().type == "cpu"
 
     def runs(self) -> list["RunSpec"]:
         """fp32, each AMP dtype, and with memory_efficient the compact run (bf16 if run, else fp16)."""
@@ -106,7 +112,9 @@ class DemoOptions:
         if self.memory_efficient:
             d = "bf16" if "bf16" in self.amp_dtypes() else self.amp_dtypes()[0]
             out.append(RunSpec(f"{d}-lowmem", d, self.steps_of(d), memory_efficient=True))
-        return out
+        fast = min(self.growth_interval, CPU_FP16_GROWTH_INTERVAL)
+        return [RunSpec(r.name, r.amp_dtype, r.steps, r.memory_efficient, fast)
+                if r.amp_dtype == "fp16" and self.short_fp16() else r for r in out]
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class RunSpec:
     amp_dtype: str | None
     steps: int
     memory_efficient: bool = False
+    growth_interval: int | None = None  # None: DemoOptions.growth_interval
 
 
 @dataclass
@@ -163,7 +172,7 @@ def _make_trainer(opts: DemoOptions, spec: RunSpec, model: nn.Module, optimizer:
     fields = dict(
         enable_amp=spec.amp_dtype is not None,
         dtype=DTYPES[spec.amp_dtype or "bf16"],
-        growth_interval=opts.growth_interval,
+        growth_interval=spec.growth_interval or opts.growth_interval,
         validate_amp=False,          # the demo compares fp32 and AMP itself, over the whole run
         check_compatibility=False,   # a plain transformer: nothing to find, and it costs a trial pass
         fused_optimizer=True,        # amp_engine's fused AdamW in every run: only the precision differs
