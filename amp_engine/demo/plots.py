@@ -25,10 +25,11 @@ def _color(name: str) -> str:
     return COLORS.get(name, "tab:purple")
 
 
-def _smooth(xs: list[float]) -> list[float]:
+def _smooth(xs: list[float], span: int | None = None) -> list[float]:
     """Bias-corrected exponential moving average (TensorBoard's smoothing) over
-    about a twentieth of the run, so short runs are not dominated by the lag."""
-    beta = 1.0 - 1.0 / max(1.0, len(xs) / 20)
+    about a twentieth of ``span`` steps (default: this run's), so short runs are not
+    dominated by the lag; runs drawn together share the longest run's span."""
+    beta = 1.0 - 1.0 / max(1.0, (span or len(xs)) / 20)
     out, avg = [], 0.0
     for i, x in enumerate(xs, 1):
         avg = beta * avg + (1 - beta) * x
@@ -37,11 +38,12 @@ def _smooth(xs: list[float]) -> list[float]:
 
 
 def draw_loss(ax, records: dict[str, RunRecord]) -> None:
+    span = max(len(r.loss) for r in records.values())  # a short run (CPU fp16) smooths like the others
     for i, (name, r) in enumerate(records.items()):
         c = _color(name)
         ax.plot(r.step, r.loss, color=c, alpha=0.25, linewidth=0.8)
         # later runs drawn thinner on top, so curves that coincide stay visible
-        ax.plot(r.step, _smooth(r.loss), color=c, linewidth=max(1.2, 3.6 - 1.2 * i),
+        ax.plot(r.step, _smooth(r.loss, span), color=c, linewidth=max(1.2, 3.6 - 1.2 * i),
                 label=f"{name} train (smoothed)")
         ax.plot(r.val_step, r.val_loss, color=c, marker="o", linestyle="--", markersize=4,
                 label=f"{name} validation")

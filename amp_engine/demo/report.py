@@ -128,12 +128,18 @@ def verdict(summaries: dict[str, dict], device_type: str, bf16: dict, threads_no
                          "low-precision weights and grads, 8-bit Adam moments.")
         if s["max_scale"] is not None and s["max_scale"] != s["min_scale"]:
             where = "; overflows in " + ", ".join(o["name"] for o in s["overflows"][:3]) if s["overflows"] else ""
-            lines.append(f"  {name}: the loss scale moved between {s['min_scale']:g} and {s['max_scale']:g} "
-                         f"(final {s['final_scale']:g}); {s['skipped_steps']} skipped step(s){where}.")
+            lines.append(f"  {name}: the loss scale moved between {_scale(s['min_scale'])} and "
+                         f"{_scale(s['max_scale'])} (final {_scale(s['final_scale'])}); "
+                         f"{s['skipped_steps']} skipped step(s){where}.")
     lines += [f"Why slower: {w}" for w in dict.fromkeys(why)]
     if threads_note and device_type == "cpu":
         lines.append(f"CPU threads: {threads_note}. Timings on a shared machine are noisy.")
     return lines
+
+
+def _scale(x: float) -> str:
+    """A loss scale for reading: 1,048,576 rather than 1.04858e+06."""
+    return f"{x:,.0f}" if x >= 1 else f"{x:g}"
 
 
 def _why_slower(name: str, device_type: str, bf16: dict) -> str:
