@@ -18,7 +18,7 @@ import logging
 import sys
 
 from amp_engine import _optional
-from amp_engine.demo.run import DEFAULT_STEPS
+from amp_engine.demo.run import CPU_FP16_STEPS, DEFAULT_STEPS
 
 BENCHES = ("ops", "scaler", "optim")  # amp_engine.bench.<name>_bench, each with run() and main()
 
@@ -87,8 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"training steps per run (default {DEFAULT_STEPS})")
     demo.add_argument("--device", type=_device, default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     demo.add_argument("--dtype", choices=("auto", "bf16", "fp16", "both"), default="auto",
-                      help="AMP dtype: auto = bf16 on CPU, fp16 (with loss scaling) and bf16 on CUDA; "
-                           "both = fp16 and bf16 (default auto)")
+                      help="AMP dtype: auto = fp16 (with loss scaling) and bf16, the fp16 run short on a CPU "
+                           f"({CPU_FP16_STEPS} steps: CPUs have no fast fp16 matmul); both = fp16 and bf16, "
+                           "all steps (default auto)")
+    demo.add_argument("--fp16-steps", type=_positive_int, default=None,
+                      help=f"steps of the fp16 run (default: all; {CPU_FP16_STEPS} with --dtype auto on a CPU)")
+    demo.add_argument("--memory-efficient", action="store_true",
+                      help="one more run with memory_efficient=True: bf16 weights (stochastic rounding, no "
+                           "master), bf16 grads and 8-bit Adam moments (~6 bytes/param vs fp32's 16)")
     demo.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per step (default 32)")
     demo.add_argument("--output", default="amp_demo_output", help="output folder (default amp_demo_output/)")
     demo.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
@@ -138,7 +144,8 @@ def cmd_demo(args) -> int:
 
     opts = DemoOptions(steps=args.steps, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                        seed=args.seed, output=args.output, plots=not args.no_plots, threads=args.threads,
-                       progress=False if args.no_progress else None)
+                       progress=False if args.no_progress else None, memory_efficient=args.memory_efficient,
+                       fp16_steps=args.fp16_steps)
     run_demo(opts, echo=print)
     return 0
 

@@ -60,10 +60,13 @@ def _run(opts: DemoOptions, echo: Callable[[str], None], device: torch.device, t
     bf16 = hardware.bf16_support()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{hardware.cpu_model()} ({_plural(torch.get_num_threads(), 'thread')})"
-    runs = ["fp32"] + opts.amp_dtypes()
+    runs = [r.name + (f" ({r.steps} steps)" if r.steps != opts.steps else "") for r in opts.runs()]
     echo(f"amp_engine demo: {n_params / 1e6:.2f}M-parameter character transformer "
          f"({opts.n_layers} layers, d_model {opts.d_model}, context {opts.context}), "
          f"{opts.steps} steps x batch {opts.batch_size}, runs: {', '.join(runs)}")
+    if any(r.steps != opts.steps for r in opts.runs()):
+        echo("(fp16 on a CPU: torch has no fast fp16 matrix math there, so the fp16 run is short: "
+             "it shows the loss scaler at work; --fp16-steps N changes it)")
     echo(f"device: {device} — {where}")
     if device.type == "cpu":
         echo(f"CPU bf16: {bf16['summary']}")

@@ -3,7 +3,8 @@
 loss_curves.png   train loss (raw, faint, and smoothed) and validation loss per run
 loss_scale.png    the loss scale over steps per AMP run, skipped steps marked
 step_times.png    the distribution of step times per run, medians marked
-memory.png        saved activations (and CUDA peak) per run, ratio to fp32
+memory.png        params + grads + optimizer state in bytes per parameter (stacked), and saved
+                  activations (and CUDA peak) in MB, per run, ratio to fp32
 overview.png      all four in one figure (the README picture)
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ import statistics
 from amp_engine import _optional
 from amp_engine.demo.run import RunRecord
 
-COLORS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+COLORS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green", "bf16-lowmem": "tab:purple",
+          "fp16-lowmem": "tab:brown"}
+_PARTS = (("params", "params", ""), ("grads", "grads", "//"), ("optimizer_state", "optimizer state", "xx"))
 PLOT_FILES = ("loss_curves.png", "loss_scale.png", "step_times.png", "memory.png", "overview.png")
 
 
@@ -22,10 +25,11 @@ def _color(name: str) -> str:
     return COLORS.get(name, "tab:purple")
 
 
-def _smooth(xs: list[float]) -> list[float]:
+def _smooth(xs: list[float], span: int | None = None) -> list[float]:
     """Bias-corrected exponential moving average (TensorBoard's smoothing) over
-    about a twentieth of the run, so short runs are not dominated by the lag."""
-    beta = 1.0 - 1.0 / max(1.0, len(xs) / 20)
+    about a twentieth of ``span`` steps (default: this run's), so short runs are not
+    dominated by the lag; runs drawn together share the longest run's span."""
+    beta = 1.0 - 1.0 / max(1.0, (span or len(xs)) / 20)
     out, avg = [], 0.0
     for i, x in enumerate(xs, 1):
         avg = beta * avg + (1 - beta) * x
@@ -34,11 +38,12 @@ def _smooth(xs: list[float]) -> list[float]:
 
 
 def draw_loss(ax, records: dict[str, RunRecord]) -> None:
+    span = max(len(r.loss) for r in records.values())  # a short run (CPU fp16) smooths like the others
     for i, (name, r) in enumerate(records.items()):
         c = _color(name)
         ax.plot(r.step, r.loss, color=c, alpha=0.25, linewidth=0.8)
         # later runs drawn thinner on top, so curves that coincide stay visible
-        ax.plot(r.step, _smooth(r.loss), color=c, linewidth=max(1.2, 3.6 - 1.2 * i),
+        ax.plot(r.step, _smooth(r.loss, span), color=c, linewidth=max(1.2, 3.6 - 1.2 * i),
                 label=f"{name} train (smoothed)")
         ax.plot(r.val_step, r.val_loss, color=c, marker="o", linestyle="--", markersize=4,
                 label=f"{name} validation")
@@ -69,6 +74,10 @@ def draw_scale(ax, records: dict[str, RunRecord]) -> None:
             xs, ys = zip(*skipped)
             ax.scatter(xs, ys, marker="x", s=50, color="tab:red", zorder=3,
                        label=f"{name} skipped step (inf/nan grads): {n_skip}")
+            worst = (r.amp_stats or {}).get("top_overflow_params") or []
+            if worst:
+                ax.annotate(f"overflow: {worst[0]['name']} ({worst[0]['count']} non-finite)", (xs[0], ys[0]),
+                            xytext=(8, -14), textcoords="offset points", fontsize=7, color="tab:red")
         else:
             ax.plot([], [], " ", label=f"{name}: no skipped steps")
         if len(set(scales)) == 1 and name == "bf16":
@@ -118,14 +127,45 @@ def draw_step_times(ax, records: dict[str, RunRecord]) -> None:
 
 
 def draw_memory(ax, summaries: dict[str, dict]) -> None:
-    """Grouped bars: one group per kind of memory, one bar per run (run colours)."""
+    """Two panels in ``ax``'s place: params + grads + optimizer state in bytes per
+    parameter (stacked by part), and saved activations (and CUDA peak) in MB."""
+    fig, spec = ax.figure, ax.get_subplotspec()
+    ax.remove()
+    left, right = (fig.add_subplot(g) for g in spec.subgridspec(1, 2, width_ratios=(1.1, 1), wspace=0.3))
+    _draw_state(left, summaries)
+    _draw_activations(right, summaries)
+
+
+def _draw_state(ax, summaries: dict[str, dict]) -> None:
+    from matplotlib.patches import Patch
+
+    names = [n for n in summaries if summaries[n].get("state_breakdown")]
+    base = summaries.get("fp32", {}).get("state_bytes_per_param")
+    for i, n in enumerate(names):
+        bottom = 0.0
+        for key, _, hatch in _PARTS:
+            v = summaries[n]["state_breakdown"].get(key, 0.0)
+            ax.bar(i, v, bottom=bottom, width=0.7, color=_color(n), hatch=hatch, edgecolor="black")
+            bottom += v
+        note = f"{bottom:.1f}" + (f"\n{bottom / base:.2f}×" if base and n != "fp32" else "")
+        ax.annotate(note, (i, bottom), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, fontsize=8, rotation=20)
+    ax.set_ylabel("bytes per parameter")
+    ax.set_title("params + grads + optimizer state", fontsize=10)
+    top = max((summaries[n]["state_bytes_per_param"] or 0.0) for n in names) if names else 1.0
+    ax.set_ylim(0, 1.45 * top)  # room for the labels and the legend above the bars
+    ax.legend(handles=[Patch(facecolor="white", edgecolor="black", hatch=h, label=label) for _, label, h in _PARTS],
+              fontsize=7, loc="upper center", ncol=3, columnspacing=0.8, handlelength=1.5)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _draw_activations(ax, summaries: dict[str, dict]) -> None:
     from matplotlib.patches import Patch
 
     names = list(summaries)
-    kinds = [("saved activations", "activation_mb", None),
-             ("params + grads + optimizer state", "state_mb", "//")]
+    kinds = [("saved activations", "activation_mb", None)]
     if any(s["peak_mb"] is not None for s in summaries.values()):
-        kinds.append(("CUDA peak allocated", "peak_mb", ".."))
+        kinds.append(("CUDA peak", "peak_mb", ".."))
     width = 0.8 / len(names)
     for g, (_, key, hatch) in enumerate(kinds):
         base = summaries.get("fp32", {}).get(key)
@@ -134,12 +174,12 @@ def draw_memory(ax, summaries: dict[str, dict]) -> None:
             x = g + (i - (len(names) - 1) / 2) * width
             ax.bar(x, v, width=width * 0.95, color=_color(n), hatch=hatch, edgecolor="black")
             note = f"{v:.1f}" + (f"\n{v / base:.2f}×" if base and n != "fp32" else "")
-            ax.annotate(note, (x, v), ha="center", va="bottom", fontsize=8)
+            ax.annotate(note, (x, v), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(kinds)), [k[0] for k in kinds])
     ax.set_ylabel("memory (MB)")
-    ax.set_title("Memory per training step (ratio to fp32 above the bars)")
+    ax.set_title("per training step (ratio to fp32 above)", fontsize=10)
     ax.margins(y=0.2)
-    ax.legend(handles=[Patch(facecolor=_color(n), edgecolor="black", label=n) for n in names], fontsize=8)
+    ax.legend(handles=[Patch(facecolor=_color(n), edgecolor="black", label=n) for n in names], fontsize=7)
     ax.grid(alpha=0.3, axis="y")
 
 

@@ -1,5 +1,12 @@
-"""The run loop: the same model, seed and batches, trained once in fp32 and once
-(or twice, on CUDA) with amp_engine's MixedPrecisionTrainer.
+"""The run loop: the same model, seed and batches, trained once in fp32 and then
+with amp_engine's MixedPrecisionTrainer: fp16 (dynamic loss scaling) and bf16, plus
+with ``memory_efficient`` a run whose weights, grads and Adam moments are compact
+(bf16 weights with stochastic rounding, 8-bit moments: ~6 bytes/param against 16).
+
+On a CPU the default fp16 run is short (CPU_FP16_STEPS): CPUs have no fp16 matrix
+math (torch converts every element around a scalar loop: measured 30x slower than
+fp32 on an AVX2 CPU), so it is there to show the loss scaler at work (a backoff on
+the first overflow, growth after ``growth_interval`` clean steps), not for speed.
 
 Everything goes through the trainer's public API (`MixedPrecisionConfig`,
 `MixedPrecisionTrainer.train_step / validate_step / get_amp_stats /
@@ -13,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -26,8 +33,14 @@ from amp_engine.demo.ranks import Ranks
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# both runs: ~30 s of CPU time; 45-75 s wall measured on a 2-core machine shared with other jobs
+# fp32 + bf16: ~30 s of CPU time; 45-75 s wall measured on a 2-core AVX512-BF16 machine shared
+# with other jobs (CPUs without native bf16 math take ~10x longer for the bf16 run)
 DEFAULT_STEPS = 150
+# the default fp16 run on a CPU: 20 steps, its scale growing every 4 clean steps, so growth
+# and an overflow's backoff both fit in it (measured: 65536 -> 262144 without overflow in 20
+# steps at growth_interval 8)
+CPU_FP16_STEPS = 20
+CPU_FP16_GROWTH_INTERVAL = 4
 
 
 @dataclass
@@ -51,13 +64,19 @@ class DemoOptions:
     eval_every: int | None = None  # None: 8 evaluations per run
     eval_batches: int = 4
     growth_interval: int = 100    # short, so the loss scale's growth shows within a demo
+    memory_efficient: bool = False  # one more run: compact weights, grads and 8-bit Adam moments
+    fp16_steps: int | None = None   # None: all steps, CPU_FP16_STEPS for the CPU default's fp16 run
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "context", "d_model", "n_layers", "n_heads", "eval_batches",
-                     "growth_interval"):
+                     "growth_interval", "fp16_steps"):
             value = getattr(self, name)
+            if value is None and name == "fp16_steps":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an int >= 1")
+        if not isinstance(self.memory_efficient, bool):
+            raise ValueError(f"memory_efficient={self.memory_efficient!r}: expected a bool")
         if self.dtype not in ("auto", "bf16", "fp16", "both"):
             raise ValueError(f"dtype={self.dtype!r}: allowed 'auto', 'bf16', 'fp16', 'both'")
         if self.device != "auto" and torch.device(self.device).type not in ("cpu", "cuda"):
@@ -71,12 +90,42 @@ class DemoOptions:
         return torch.device(self.device)
 
     def amp_dtypes(self) -> list[str]:
-        """The AMP runs to make besides fp32: bf16 on CPU; fp16 (with the scaler) and bf16 on CUDA."""
-        if self.dtype == "both":
-            return ["fp16", "bf16"]
-        if self.dtype == "auto":
-            return ["fp16", "bf16"] if self.resolved_device().type == "cuda" else ["bf16"]
-        return [self.dtype]
+        """The AMP dtypes to run besides fp32: fp16 (with the loss scaler) and bf16 unless one is chosen."""
+        return ["fp16", "bf16"] if self.dtype in ("auto", "both") else [self.dtype]
+
+    def steps_of(self, amp_dtype: str | None) -> int:
+        """Steps of a run: all, except the CPU default's fp16 run (CPU_FP16_STEPS, or fp16_steps)."""
+        if amp_dtype != "fp16":
+            return self.steps
+        if self.fp16_steps is not None:
+            return min(self.steps, self.fp16_steps)
+        return min(self.steps, CPU_FP16_STEPS) if self.short_fp16() else self.steps
+
+    def short_fp16(self) -> bool:
+        """The CPU default's fp16 run: few steps, and its scale grows every CPU_FP16_GROWTH_INTERVAL."""
+        return self.fp16_steps is None and self.dtype == "auto" and self.resolved_device().type == "cpu"
+
+    def runs(self) -> list["RunSpec"]:
+        """fp32, each AMP dtype, and with memory_efficient the compact run (bf16 if run, else fp16)."""
+        out = [RunSpec("fp32", None, self.steps)]
+        out += [RunSpec(d, d, self.steps_of(d)) for d in self.amp_dtypes()]
+        if self.memory_efficient:
+            d = "bf16" if "bf16" in self.amp_dtypes() else self.amp_dtypes()[0]
+            out.append(RunSpec(f"{d}-lowmem", d, self.steps_of(d), memory_efficient=True))
+        fast = min(self.growth_interval, CPU_FP16_GROWTH_INTERVAL)
+        return [RunSpec(r.name, r.amp_dtype, r.steps, r.memory_efficient, fast)
+                if r.amp_dtype == "fp16" and self.short_fp16() else r for r in out]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the demo: its name, AMP dtype (None: fp32), steps, and memory_efficient."""
+
+    name: str
+    amp_dtype: str | None
+    steps: int
+    memory_efficient: bool = False
+    growth_interval: int | None = None  # None: DemoOptions.growth_interval
 
 
 @dataclass
@@ -98,10 +147,9 @@ class RunRecord:
     peak_bytes: int | None      # CUDA peak allocated during the run (None on CPU)
     wall_s: float               # the whole run, evaluation included
     amp_stats: dict
-
-
-def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    return sum(part["actual"] for part in memory.state_bytes(model, optimizer).values())
+    state_parts: dict = field(default_factory=dict)  # {"params"|"grads"|"optimizer_state": bytes}
+    n_params: int = 0
+    memory_efficient: bool = False
 
 
 def _lr_schedule(steps: int) -> Callable[[int], float]:
@@ -117,41 +165,45 @@ def _lr_schedule(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _make_trainer(opts: DemoOptions, amp_dtype: str | None, model: nn.Module,
-                  optimizer: torch.optim.Optimizer, scheduler):
+def _make_trainer(opts: DemoOptions, spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler):
     from amp_engine import MixedPrecisionConfig, MixedPrecisionTrainer
 
     fields = dict(
-        enable_amp=amp_dtype is not None,
-        dtype=DTYPES[amp_dtype or "bf16"],
-        growth_interval=opts.growth_interval,
+        enable_amp=spec.amp_dtype is not None,
+        dtype=DTYPES[spec.amp_dtype or "bf16"],
+        growth_interval=spec.growth_interval or opts.growth_interval,
         validate_amp=False,          # the demo compares fp32 and AMP itself, over the whole run
         check_compatibility=False,   # a plain transformer: nothing to find, and it costs a trial pass
         fused_optimizer=True,        # amp_engine's fused AdamW in every run: only the precision differs
+        # compact weights (bf16: stochastic rounding, no master) and 8-bit Adam moments
+        memory_efficient=spec.memory_efficient,
     )
     config = MixedPrecisionConfig(**fields)
     return MixedPrecisionTrainer(config, model, optimizer, scheduler=scheduler)
 
 
-def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
-            train_offsets: torch.Tensor, val_offsets: torch.Tensor,
-            echo: Callable[[str], None], ranks: Ranks = Ranks()) -> RunRecord:
-    """Train one run; `amp_dtype` None is the fp32 baseline.
+def run_one(spec: RunSpec, opts: DemoOptions, corpus: Corpus, train_offsets: torch.Tensor,
+            val_offsets: torch.Tensor, echo: Callable[[str], None], ranks: Ranks = Ranks()) -> RunRecord:
+    """Train one run (``spec.amp_dtype`` None is the fp32 baseline) on the first
+    ``spec.steps`` of the shared batches.
 
     With several ranks (amp_engine.demo.ranks) the model is in DDP, each rank
     trains on its slice of every batch and the recorded loss is the mean over
     the ranks; rank 0 writes the stats file.
     """
+    name, amp_dtype, steps = spec.name, spec.amp_dtype, spec.steps
     device = opts.resolved_device()
     torch.manual_seed(opts.seed)  # identical initial weights in every run
     shape = ModelShape(corpus.vocab_size, opts.context, opts.d_model, opts.n_layers, opts.n_heads)
     model = ranks.wrap(CharTransformer(shape).to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_schedule(opts.steps))
-    trainer = _make_trainer(opts, amp_dtype, model, optimizer, scheduler)
+    trainer = _make_trainer(opts, spec, model, optimizer, scheduler)
     loss_fn = nn.CrossEntropyLoss()
     eval_every = opts.eval_every or max(1, opts.steps // 8)
-    rec = RunRecord(name, [], [], [], [], [], [], [], [], [], 0, 0, None, 0.0, {})
+    rec = RunRecord(name, [], [], [], [], [], [], [], [], [], 0, 0, None, 0.0, {},
+                    n_params=sum(p.numel() for p in model.parameters()), memory_efficient=spec.memory_efficient)
 
     def evaluate() -> float:
         losses = [trainer.validate_step(make_batch(corpus.val, o, opts.context, device), loss_fn, device)["loss"]
@@ -165,9 +217,9 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_run = time.perf_counter()
-    with tqdm(total=opts.steps, desc=f"{name:>5}", unit="step", disable=not show,
+    with tqdm(total=steps, desc=f"{name:>5}", unit="step", disable=not show,
               dynamic_ncols=True, leave=True) as bar:
-        for i in range(opts.steps):
+        for i in range(steps):
             batch = make_batch(corpus.train, train_offsets[i], opts.context, device)
             t0 = time.perf_counter()
             m = trainer.train_step(ranks.local_rows(batch), loss_fn, device)  # floats: synchronized
@@ -183,7 +235,7 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
             rec.scale.append(None if amp_dtype is None else m.get("scale"))
             rec.skipped.append(bool(m.get("skipped", False)))
             rec.grad_norm.append(m.get("grad_norm"))
-            if (i + 1) % eval_every == 0 or i + 1 == opts.steps:
+            if (i + 1) % eval_every == 0 or i + 1 == steps:
                 rec.val_step.append(i + 1)
                 rec.val_loss.append(evaluate())
             bar.set_postfix(loss=f"{rec.loss[-1]:.3f}", val=f"{rec.val_loss[-1]:.3f}" if rec.val_loss else "-",
@@ -192,25 +244,26 @@ def run_one(name: str, amp_dtype: str | None, opts: DemoOptions, corpus: Corpus,
     rec.wall_s = time.perf_counter() - t_run
     if device.type == "cuda":
         rec.peak_bytes = torch.cuda.max_memory_allocated(device)
-    rec.activation_bytes, rec.state_bytes = _measure_memory(
+    rec.activation_bytes, rec.state_parts = _measure_memory(
         trainer, amp_dtype, make_batch(corpus.train, train_offsets[0], opts.context, device), loss_fn, device)
+    rec.state_bytes = sum(rec.state_parts.values())
     rec.amp_stats = trainer.get_amp_stats()
     if ranks.main:
         trainer.save_amp_stats(os.path.join(opts.output, f"amp_stats_{name}.json"))
     trainer.cleanup()
     if not show:
-        echo(f"{name}: {opts.steps} steps in {rec.wall_s:.1f} s, last train loss {rec.loss[-1]:.3f}, "
+        echo(f"{name}: {steps} steps in {rec.wall_s:.1f} s, last train loss {rec.loss[-1]:.3f}, "
              f"val loss {rec.val_loss[-1]:.3f}")
     return rec
 
 
-def _measure_memory(trainer, amp_dtype, batch, loss_fn, device) -> tuple[int, int]:
-    """(activation bytes, state bytes) of one training step in this run's precision.
+def _measure_memory(trainer, amp_dtype, batch, loss_fn, device) -> tuple[int, dict[str, int]]:
+    """(activation bytes, state bytes by part) of one training step in this run's precision.
 
     Activations: what autograd saves for backward in the forward
     (amp_engine.trainer.memory.SavedTensorMeter: measured, parameters left out).
-    State: parameters + gradients + optimizer state (masters included), counted
-    while the gradients exist.
+    State: {"params", "grads", "optimizer_state"} bytes (masters, 8-bit codes and
+    their absmax included), counted while the gradients exist.
     """
     model = trainer.model
     x, y = batch
@@ -219,20 +272,19 @@ def _measure_memory(trainer, amp_dtype, batch, loss_fn, device) -> tuple[int, in
     with meter, torch.autocast(device.type, dtype=DTYPES[amp_dtype or "bf16"], enabled=amp_dtype is not None):
         loss = loss_fn(model(x), y)
     loss.backward()
-    state = _state_bytes(model, trainer.optimizer)
+    state = {k: v["actual"] for k, v in memory.state_bytes(model, trainer.optimizer).items()}
     model.zero_grad(set_to_none=True)
     return meter.saved_bytes, state
 
 
 def run_all(opts: DemoOptions, corpus: Corpus, echo: Callable[[str], None],
             ranks: Ranks = Ranks()) -> dict[str, RunRecord]:
-    """fp32 first, then each AMP dtype; same seed, same batches."""
+    """fp32 first, then each AMP run (DemoOptions.runs); same seed, same batches."""
     train_offsets = batch_offsets(len(corpus.train), opts.context, opts.batch_size, opts.steps, opts.seed)
     val_offsets = batch_offsets(len(corpus.val), opts.context, opts.batch_size, opts.eval_batches, opts.seed + 1)
     records = {}
-    for amp_dtype in [None] + opts.amp_dtypes():
-        name = amp_dtype or "fp32"
-        records[name] = run_one(name, amp_dtype, opts, corpus, train_offsets, val_offsets, echo, ranks)
+    for spec in opts.runs():
+        records[spec.name] = run_one(spec, opts, corpus, train_offsets, val_offsets, echo, ranks)
     return records
 
 

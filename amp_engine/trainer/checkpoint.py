@@ -12,6 +12,10 @@ model's weights are the caller's to save (``model.state_dict()``). Resume::
     trainer.load_state_dict(ckpt["trainer"])  # either order
 
 and the run continues bitwise as if never stopped (given the same data order).
+The checkpoint also names the optimizer-state precision it was written with
+(``optimizer_state``: "fp32" / "bf16" / "8bit", None for optimizers other than
+amp_engine's Adam/AdamW); a trainer of another precision loads it anyway: the
+optimizer converts the moments to its own format (logged), so a run can switch.
 The trainer loads the optimizer itself because the order matters with
 ``memory_efficient``: the weights must be in low precision before the fp32
 masters are loaded, or they would be dropped and rebuilt from rounded weights.
@@ -24,7 +28,7 @@ from typing import Any
 
 import torch
 
-from amp_engine.trainer.conversion import set_weight_precision
+from amp_engine.trainer.conversion import set_weight_precision, state_precision
 from amp_engine.optim import checkpoint as optim_state
 from amp_engine.scaler import GradScaler
 from amp_engine.trainer.stats import TrainerStats
@@ -79,6 +83,7 @@ class TrainerStateMixin:
             "overflow_baseline": dict(self._overflow_baseline),
             "validation": self.validation,
             "weights_dtype": _dtype_name(self._low_params[0].dtype) if self._low_params else None,
+            "optimizer_state": state_precision(self.optimizer),
             "scaler": scaler,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
@@ -102,6 +107,10 @@ class TrainerStateMixin:
         self._memory.load_state(sd["memory_steps"])
         self._overflow_baseline = dict(sd["overflow_baseline"])
         self.validation = sd["validation"]
+        saved, ours = sd.get("optimizer_state"), state_precision(self.optimizer)
+        if saved != ours and saved is not None and ours is not None:
+            self.logger.info("checkpoint optimizer_state=%r, this trainer keeps %r: the moments are "
+                             "converted on load", saved, ours)
         if self._low_params and weights is not None and self._low_params[0].dtype != _DTYPES[weights]:
             set_weight_precision(self._low_params, self.optimizer, _DTYPES[weights])
         self.optimizer.load_state_dict(sd["optimizer"])
@@ -151,6 +160,9 @@ class TrainerStateMixin:
         if sd["weights_dtype"] not in (None, *_DTYPES):
             raise ValueError(f"trainer state_dict['weights_dtype'] = {sd['weights_dtype']!r}; "
                              f"allowed: None, {', '.join(_DTYPES)}")
+        state = sd.get("optimizer_state")  # absent from checkpoints written before it existed
+        if state is not None and not isinstance(state, str):
+            raise ValueError(f"trainer state_dict['optimizer_state'] must be a str or None, got {state!r}")
         self._check_parts(sd)
         return sd
 

@@ -23,6 +23,11 @@ _DTYPE_NAMES = {
     "torch.bfloat16": torch.bfloat16,
 }
 _ALLOWED_DTYPES = "torch.float16 / torch.bfloat16 (or the strings 'fp16', 'float16', 'bf16', 'bfloat16')"
+#: optimizer_state values -> the storage dtype of Adam's moments (amp_engine.optim.AdamW's
+#: exp_avg_dtype / exp_avg_sq_dtype; torch.uint8 = 8-bit blocks, amp_engine/ops/moments8.py)
+OPTIMIZER_STATES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}
+_ALLOWED_STATES = ("'fp32', '8bit', 'bf16' or None (None: '8bit' with memory_efficient=True, "
+                   "else the optimizer's own)")
 
 
 def parse_dtype(value: Any, field: str = "dtype") -> torch.dtype:
@@ -73,6 +78,18 @@ class MixedPrecisionConfig:
         memory_efficient: keep the weights in low precision: bf16 weights updated with
             stochastic rounding (no master copy), or fp16 weights with fp32 masters in
             the optimizer. Normalization layers stay fp32. Implies fused_optimizer.
+            Adam/AdamW moments are then 8-bit unless ``optimizer_state`` says otherwise:
+            bf16 weights ~6 bytes/param for params + grads + optimizer state, fp16
+            weights (fp32 masters) ~10, fp32 training 16.
+        optimizer_state: the storage of Adam/AdamW's moments (exp_avg, exp_avg_sq) in
+            amp_engine's fused optimizer: "fp32" (8 bytes/param), "bf16" (4,
+            round-to-nearest-even) or "8bit" (~2.03: blocks of 256 one-byte codes with
+            an fp32 absmax each; the update is computed in fp32). None (default) =
+            "8bit" when memory_efficient, else the optimizer's own. Setting it implies
+            fused_optimizer. Params under 4,096 elements keep fp32 moments (see
+            amp_engine.optim.AdamW); SGD has no moments (a warning says it is
+            ignored); amsgrad needs fp32 moments (memory_efficient's default then
+            stays fp32, an explicit "8bit"/"bf16" is refused with a warning).
 
     Housekeeping
         clear_cache, clear_cache_interval: ``torch.cuda.empty_cache()`` every N
@@ -120,6 +137,7 @@ class MixedPrecisionConfig:
     validate_tolerance: float = 0.05
     progress_bar: bool | None = None
     overflow_top_k: int = 5
+    optimizer_state: str | None = None
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)
@@ -141,6 +159,14 @@ class MixedPrecisionConfig:
             raise ValueError(f"min_scale={self.min_scale} must be <= max_scale={self.max_scale}")
         if not lo <= self.init_scale <= hi:
             raise ValueError(f"init_scale={self.init_scale} must lie in [min_scale, max_scale] = [{lo}, {hi}]")
+
+    @property
+    def resolved_optimizer_state(self) -> str | None:
+        """The moments' precision the trainer asks for: ``optimizer_state``, else "8bit"
+        under memory_efficient, else None (the optimizer's own)."""
+        if self.optimizer_state is not None:
+            return self.optimizer_state
+        return "8bit" if self.memory_efficient else None
 
     @property
     def amp_requested(self) -> bool:
@@ -205,6 +231,7 @@ _KINDS: dict[str, tuple] = {
     "validate_tolerance": ("float", "positive"),
     "progress_bar": ("bool?",),
     "overflow_top_k": ("int", 0),
+    "optimizer_state": ("state",),
 }
 
 
@@ -212,6 +239,8 @@ def _check(name: str, value: Any, kind: tuple) -> Any:
     what = kind[0]
     if what == "dtype":
         return value
+    if what == "state":
+        return _check_state(value)
     if what.endswith("?"):
         if value is None:
             return None
@@ -234,3 +263,16 @@ def _check(name: str, value: Any, kind: tuple) -> Any:
     if not value > 0 or math.isnan(value):
         raise ValueError(f"{name}={value} is out of range; allowed: a float > 0{optional}")
     return value
+
+
+def _check_state(value: Any) -> str | None:
+    """optimizer_state: None or one of OPTIMIZER_STATES (case and spaces ignored)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"optimizer_state must be a str or None, got {type(value).__name__} "
+                        f"({value!r}); allowed: {_ALLOWED_STATES}")
+    name = value.strip().lower()
+    if name not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer_state={value!r} is not allowed; allowed: {_ALLOWED_STATES}")
+    return name

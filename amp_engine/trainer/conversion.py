@@ -11,6 +11,12 @@ Memory-efficient weights, the choice made:
   the weights and grads halve, the master adds 4 bytes, and autocast no longer
   keeps fp16 copies of the weights for the backward.
 
+Optimizer state (``MixedPrecisionConfig.optimizer_state``): Adam/AdamW's moments
+in fp32, bf16 or 8-bit blocks (amp_engine.optim.AdamW's ``exp_avg_dtype`` /
+``exp_avg_sq_dtype``); memory_efficient asks for 8-bit unless told otherwise, so
+bf16 weights hold ~6 bytes/param (weight 2, grad 2, moments ~2.03) against fp32
+training's 16.
+
 Normalization layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm)
 keep fp32 parameters: their statistics overflow or lose precision in fp16.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import weakref
 from typing import Any
 
@@ -25,6 +32,7 @@ import torch
 from torch import nn
 
 from amp_engine import optim as fused_optim
+from amp_engine.trainer.config import OPTIMIZER_STATES, MixedPrecisionConfig
 
 #: torch optimizer class -> amp_engine's fused one (exact types: a subclass may change the math)
 FUSED_OPTIMIZERS = {
@@ -87,6 +95,71 @@ def memory_efficient_options(dtype: torch.dtype) -> dict[str, bool]:
     """Group options for weights kept in ``dtype``: bf16 -> stochastic rounding, no
     master; fp16 -> fp32 masters."""
     return {"master_weights": dtype == torch.float16, "stochastic_rounding": dtype == torch.bfloat16}
+
+
+def _has_moment_options(cls: type) -> bool:
+    return "exp_avg_dtype" in inspect.signature(cls.__init__).parameters
+
+
+def conversion_overrides(config: MixedPrecisionConfig, optimizer: torch.optim.Optimizer
+                         ) -> tuple[dict[str, Any], str | None]:
+    """The group options the trainer's conversion sets for ``config``, and a note
+    when a requested optimizer-state precision cannot apply (None otherwise).
+
+    memory_efficient's weight options (:func:`memory_efficient_options`) plus the
+    moments' dtypes of ``config.resolved_optimizer_state``, for Adam/AdamW only.
+    An implied "8bit" (memory_efficient alone) yields to amsgrad, whose running
+    max needs fp32 moments; an explicit one is passed on (and refused there).
+    """
+    overrides = memory_efficient_options(config.dtype) if config.memory_efficient else {}
+    state = config.resolved_optimizer_state
+    if state is None:
+        return overrides, None
+    explicit = config.optimizer_state is not None
+    cls = type(optimizer) if is_fused(optimizer) else FUSED_OPTIMIZERS.get(type(optimizer))
+    if cls is None or not _has_moment_options(cls):
+        note = f"optimizer_state={state!r} ignored: {type(optimizer).__name__} keeps no Adam moments"
+        return overrides, note if explicit and cls is not None else None
+    if not explicit and any(g.get("amsgrad") for g in optimizer.param_groups):
+        return overrides, None
+    dtype = OPTIMIZER_STATES[state]
+    return {**overrides, "exp_avg_dtype": dtype, "exp_avg_sq_dtype": dtype}, None
+
+
+def state_precision(optimizer: torch.optim.Optimizer) -> str | None:
+    """The moments' precision of amp_engine's Adam/AdamW as a config name ("fp32",
+    "bf16", "8bit"; "exp_avg=..., exp_avg_sq=..." when they differ, "mixed" across
+    groups); None for other optimizers (their state is their own). Params under
+    4,096 elements keep fp32 moments whatever this says."""
+    if not (is_fused(optimizer) and _has_moment_options(type(optimizer))):
+        return None
+    names = {dtype: name for name, dtype in OPTIMIZER_STATES.items()}
+    found = set()
+    for g in optimizer.param_groups:
+        pair = (names[g.get("exp_avg_dtype", torch.float32)], names[g.get("exp_avg_sq_dtype", torch.float32)])
+        found.add(pair[0] if pair[0] == pair[1] else f"exp_avg={pair[0]}, exp_avg_sq={pair[1]}")
+    return found.pop() if len(found) == 1 else "mixed"
+
+
+def convert_optimizer(config: MixedPrecisionConfig, optimizer: torch.optim.Optimizer, scheduler: Any,
+                      logger: logging.Logger) -> torch.optim.Optimizer:
+    """The optimizer the trainer steps under ``config``: amp_engine's fused version of
+    ``optimizer`` with :func:`conversion_overrides` applied (the scheduler rebound to
+    it), or ``optimizer`` itself when nothing changes or it cannot be converted (logged)."""
+    overrides, note = conversion_overrides(config, optimizer)
+    if note:
+        logger.warning("%s", note)
+    if is_fused(optimizer) and not overrides:
+        return optimizer
+    fused, why = to_fused_optimizer(optimizer, **overrides)
+    if fused is None:
+        logger.warning("fused_optimizer: keeping %s: %s", type(optimizer).__name__, why)
+        return optimizer
+    logger.info("fused_optimizer: %s replaced by %s.%s (same param groups%s)", type(optimizer).__name__,
+                type(fused).__module__, type(fused).__name__, f", {overrides}" if overrides else "")
+    if scheduler is not None:
+        rebind_scheduler(scheduler, fused)
+    return fused
 
 
 def rebind_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -102,8 +102,11 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     """Bytes of parameters, gradients and optimizer state, as held and at fp32 width.
 
     Returns ``{"params"|"grads"|"optimizer_state": {"actual": int, "fp32": int}}``.
-    Optimizer-state entries whose key names a master copy ("master...") count 0
-    at fp32 width; other floating state widens fp16/bf16 to fp32.
+    At fp32 width (what fp32 training with the same optimizer holds): fp16/bf16
+    tensors widen to 4 bytes per element; uint8 state (8-bit quantized moments,
+    one code per element) widens to 4 bytes per element; state whose key names a
+    master copy ("master...") or a quantization scale ("...absmax...") counts 0,
+    fp32 training keeps neither.
     """
     out = {k: {"actual": 0, "fp32": 0} for k in ("params", "grads", "optimizer_state")}
     seen: set = set()
@@ -128,7 +131,19 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
         for state in optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, Tensor):
-                    add("optimizer_state", value, 0 if "master" in str(key) else None)
+                    name = str(key)
+                    fp32 = (0 if "master" in name or "absmax" in name
+                            else 4 * value.numel() if value.dtype == torch.uint8 else None)
+                    add("optimizer_state", value, fp32)
+    return out
+
+
+def bytes_per_param(state: dict[str, dict[str, int]], n_params: int, which: str = "actual") -> dict[str, float]:
+    """:func:`state_bytes`'s parts divided by the parameter count, plus their "total"."""
+    if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 1:
+        raise ValueError(f"n_params={n_params!r}: expected an int >= 1")
+    out = {kind: part[which] / n_params for kind, part in state.items()}
+    out["total"] = sum(out.values())
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from amp_engine.trainer.conversion import state_precision
 from amp_engine.trainer.memory import GB
 
 
@@ -124,7 +125,8 @@ class TrainerStatsMixin:
         top_overflow_params ([{name, count, steps}]), peak_memory_bytes/_gb,
         memory_measurements, last_memory_measurement, amp_enabled, fallback_reason,
         fallbacks, dtype, scaler_enabled, monitoring, cache_clears, validation,
-        compatible.
+        compatible, optimizer_state (the moments' precision of amp_engine's Adam/AdamW:
+        "fp32" / "bf16" / "8bit"; None for other optimizers).
         """
         out = self.stats.as_dict()
         out["current_scale"] = self.scaler.get_scale() if self.scaler is not None else 1.0
@@ -132,6 +134,7 @@ class TrainerStatsMixin:
             top_overflow_params=self._top_overflow_params(),
             amp_enabled=self.amp_enabled, fallback_reason=self.fallback_reason,
             dtype=str(self.config.dtype).removeprefix("torch."),
+            optimizer_state=state_precision(self.optimizer),
             scaler_enabled=self.scaler is not None, monitoring=self.config.enable_monitoring,
             validation=self.validation,
             compatible=None if self.compatibility is None else self.compatibility["compatible"],

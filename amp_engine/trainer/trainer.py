@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from amp_engine.trainer.compat import autocast_support, check_amp_compatibility
 from amp_engine.trainer.config import MixedPrecisionConfig
-from amp_engine.trainer.conversion import (is_fused, low_precision_candidates, memory_efficient_options,
-                                   rebind_scheduler, set_weight_precision, to_fused_optimizer)
+from amp_engine.trainer.conversion import (convert_optimizer, is_fused, low_precision_candidates,
+                                          set_weight_precision)
 from amp_engine.distributed import is_data_parallel, replica_group
 from amp_engine.scaler import GradScaler
 from amp_engine.trainer.checks import StepMemory, compare_outputs, sync_metrics
@@ -44,8 +44,8 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         config: a :class:`MixedPrecisionConfig` (or a dict of its fields; None = defaults).
         model: the module, already on the device it trains on.
         optimizer: a torch optimizer over ``model``'s parameters. With
-            ``fused_optimizer`` (or ``memory_efficient``) a torch Adam/AdamW/SGD is
-            replaced by amp_engine's fused one: use :attr:`optimizer` afterwards.
+            ``fused_optimizer`` (or ``memory_efficient``, or ``optimizer_state``) a torch
+            Adam/AdamW/SGD is replaced by amp_engine's fused one: use :attr:`optimizer` afterwards.
         logger: a ``logging.Logger`` (default ``logging.getLogger("amp_engine.trainer")``).
         scheduler: an LR scheduler stepped after every *applied* optimizer step
             (not after skipped ones; ReduceLROnPlateau is left to the caller).
@@ -86,7 +86,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
         self._low_params: list[nn.Parameter] = []
         if config.check_compatibility and self._amp_wanted:
             self._check_compatibility()
-        if config.fused_optimizer or config.memory_efficient:
+        if config.fused_optimizer or config.memory_efficient or config.optimizer_state is not None:
             self._convert_optimizer()
         if config.memory_efficient:
             if is_fused(self.optimizer) and not is_data_parallel(model):  # DDP/FSDP2 own the dtype
@@ -105,20 +105,7 @@ class MixedPrecisionTrainer(TrainerStatsMixin, TrainerStateMixin):
             self._fall_back("compatibility check failed: " + "; ".join(report["issues"]))
 
     def _convert_optimizer(self) -> None:
-        cfg = self.config
-        overrides = memory_efficient_options(cfg.dtype) if cfg.memory_efficient else {}
-        if is_fused(self.optimizer) and not overrides:
-            return
-        fused, why = to_fused_optimizer(self.optimizer, **overrides)
-        if fused is None:
-            self.logger.warning("fused_optimizer: keeping %s: %s", type(self.optimizer).__name__, why)
-            return
-        self.logger.info("fused_optimizer: %s replaced by %s.%s (same param groups%s)",
-                         type(self.optimizer).__name__, type(fused).__module__, type(fused).__name__,
-                         f", {overrides}" if overrides else "")
-        self.optimizer = fused
-        if self.scheduler is not None:
-            rebind_scheduler(self.scheduler, fused)
+        self.optimizer = convert_optimizer(self.config, self.optimizer, self.scheduler, self.logger)
 
     def _fall_back(self, reason: str) -> None:
         if self.fallback_reason is None:

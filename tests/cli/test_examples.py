@@ -24,8 +24,8 @@ def test_async_demo(tmp_path):
     result = asyncio.run(mod.demonstrate_mixed_precision_training(
         steps=3, device="cpu", batch_size=2, output=str(tmp_path), plots=False, progress=False,
         echo=lines.append))
-    assert set(result["runs"]) == {"fp32", "bf16"}
-    assert result["runs"]["bf16"]["steps"] == 3
+    assert set(result["runs"]) == {"fp32", "fp16", "bf16"}  # the default: fp16 shows the loss scaler
+    assert result["runs"]["bf16"]["steps"] == result["runs"]["fp16"]["steps"] == 3
     assert any("| bf16 |" in line for line in lines)
     assert json.loads((tmp_path / "demo_summary.json").read_text())["table"] == result["table"]
 
