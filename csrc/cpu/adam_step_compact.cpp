@@ -34,28 +34,16 @@ struct CompactTensor {  // one param's pointers and step-dependent scalars
   uint32_t key;
 };
 
-// DECODE[code] of both maps, computed once (moments8.h's decode_value is exact).
-struct DecodeTables {
-  float signed_map[256], unsigned_map[256];
-  DecodeTables() {
-    for (uint32_t c = 0; c < 256; ++c) {
-      signed_map[c] = m8::decode_value(c, true);
-      unsigned_map[c] = m8::decode_value(c, false);
-    }
-  }
-};
-const DecodeTables& tables() {
-  static const DecodeTables t;
-  return t;
-}
-
 // dst[k] = the moment's value at element base + k, k < n (one block).
-inline void load_moment(MomentFormat f, const void* src, const float* absmax, const float* table,
-                        int64_t base, float* __restrict dst, int64_t n) {
+// 8-bit codes decode from their bits (m8::decode_bits): a table lookup per element
+// does not vectorize on AVX2.
+template <bool kSigned>
+inline void load_moment(MomentFormat f, const void* src, const float* absmax, int64_t base,
+                        float* __restrict dst, int64_t n) {
   if (f == MomentFormat::kBlocks8) {
     const uint8_t* c = static_cast<const uint8_t*>(src) + base;
     const float a = absmax[base / kBlock];
-    for (int64_t k = 0; k < n; ++k) dst[k] = m8::decode(c[k], a, table);
+    for (int64_t k = 0; k < n; ++k) dst[k] = m8::decode_bits(c[k], a, kSigned);
   } else if (f == MomentFormat::kBFloat16) {
     const uint16_t* s = static_cast<const uint16_t*>(src) + base;
     for (int64_t k = 0; k < n; ++k) dst[k] = m8::bf16_to_float(s[k]);
@@ -65,22 +53,21 @@ inline void load_moment(MomentFormat f, const void* src, const float* absmax, co
 }
 
 // 8-bit: the block's absmax (max |x|, NaN if any x is NaN; flushed below 2**-126).
-// Written as a NaN flag beside a plain max so that the loop vectorizes; the result
-// is absmax_fold's (the NaN returned is the block's first NaN, sign cleared).
+// The max is taken on the bits of |x| (ordered like the values, NaNs above inf), an
+// integer reduction that vectorizes; a block holding a NaN takes absmax_fold's
+// NaN (the first one, sign cleared), as every backend does.
 inline float block_absmax(const float* __restrict x, int64_t n) {
-  float mx = 0.0f;
-  bool nan = false;
+  uint32_t mx = 0;
   for (int64_t k = 0; k < n; ++k) {
-    const float a = m8::from_bits(m8::to_bits(x[k]) & 0x7FFFFFFFu);
+    const uint32_t a = m8::to_bits(x[k]) & 0x7FFFFFFFu;
     mx = a > mx ? a : mx;
-    nan |= a != a;
   }
-  if (nan) {
+  if (mx > 0x7F800000u) {
     float acc = 0.0f;
     for (int64_t k = 0; k < n; ++k) acc = m8::absmax_fold(acc, x[k]);
     return acc;
   }
-  return m8::absmax_flush(mx);
+  return m8::absmax_flush(m8::from_bits(mx));
 }
 
 template <bool kSigned>
@@ -124,7 +111,6 @@ struct CompactCall {  // what every chunk of the call shares
 
 void compact_chunk(const CompactCall& c, const CompactTensor& t, int64_t begin, int64_t end) {
   alignas(64) float g_buf[kBlock], w_buf[kBlock], m_buf[kBlock], v_buf[kBlock];
-  const DecodeTables& tab = tables();
   const float* g_mem = t.g_type == ScalarType::Float ? static_cast<const float*>(t.g) : nullptr;
   float* w_mem = t.master ? t.master
                           : (t.p_type == ScalarType::Float ? static_cast<float*>(t.p) : nullptr);
@@ -135,8 +121,8 @@ void compact_chunk(const CompactCall& c, const CompactTensor& t, int64_t begin, 
     if (!g_mem) load_block<float>(t.g_type, t.g, b, g_buf, n);
     float* w = w_mem ? w_mem + b : w_buf;
     if (!w_mem) load_block<float>(t.p_type, t.p, b, w_buf, n);
-    load_moment(t.m_fmt, t.m, t.m_absmax, tab.signed_map, b, m_buf, n);
-    load_moment(t.v_fmt, t.v, t.v_absmax, tab.unsigned_map, b, v_buf, n);
+    load_moment<true>(t.m_fmt, t.m, t.m_absmax, b, m_buf, n);
+    load_moment<false>(t.v_fmt, t.v, t.v_absmax, b, v_buf, n);
     if (c.decay == Decay::kNone) update_block<Decay::kNone>(c.s, t.terms, g, w, m_buf, v_buf, n);
     if (c.decay == Decay::kDecoupled) update_block<Decay::kDecoupled>(c.s, t.terms, g, w, m_buf, v_buf, n);
     if (c.decay == Decay::kL2) update_block<Decay::kL2>(c.s, t.terms, g, w, m_buf, v_buf, n);
