@@ -199,3 +199,16 @@ def test_every_code_survives_decode_and_requantize(signed):
     assert torch.equal(absmax2, absmax)
     # +0 and -0 both decode to 0: the signed map's 0x80 comes back as 0x80 (the sign bit)
     assert torch.equal(again[~zero], codes.reshape(-1)[~zero])
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNELS if p.values[0] in ("cpp", "cuda")])
+def test_opcheck_compiled_op(backend, device):
+    """Schema (what it mutates), fake kernel (torch.compile) and registration of the
+    compiled op, on a mix of formats and param dtypes."""
+    a = make([300, 4097], torch.bfloat16, False, (U8, BF), device)
+    b = make([70], torch.float32, False, (torch.float32, U8), device)
+    lists = [x + y for x, y in zip(a, b)]  # no masters; absmax entries where needed
+    args = (*lists, torch.tensor(1e-3, device=device), 1e-3, torch.tensor(0.5, device=device),
+            torch.zeros((), device=device), torch.tensor([1, 2], device=device), 0.9, 0.999, 1e-8,
+            0.01, True, False, True)
+    torch.library.opcheck(torch.ops.amp_engine.adam_step_compact_.default, args)
