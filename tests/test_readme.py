@@ -48,3 +48,15 @@ def test_amp_engine_command(command, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "amp_engine", *args, *extra, *out],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fresh_machine_commands_install_real_extras():
+    """The README's install commands name extras that pyproject.toml defines, and CI
+    (.ci/run) runs the test one as written."""
+    root = README.parent
+    extras_block = re.search(r"\[project\.optional-dependencies\]\n(.*?)(?:\n\[|\Z)",
+                             (root / "pyproject.toml").read_text(), re.S).group(1)
+    defined = set(re.findall(r"^(\w+)\s*=", extras_block, re.M))
+    named = set(re.findall(r'pip install "\.\[(\w+)\]"', TEXT))
+    assert {"demo", "test"} <= named <= defined, (named, defined)
+    assert 'pip install -q ".[test]"' in (root / ".ci" / "run").read_text()

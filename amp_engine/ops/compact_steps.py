@@ -18,7 +18,7 @@ from torch import Tensor
 
 from amp_engine import _extension
 from amp_engine.ops import dispatch, moments8
-from amp_engine.ops.optim_steps import _check_beta, _check_list, _device, _resolve_lr, check_step_args
+from amp_engine.ops.optim_steps import check_beta, check_list, device_of, resolve_lr, check_step_args
 from amp_engine.ops.validation import check_scalar_tensor
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,9 +86,9 @@ def adam_step_compact_(
     exp_avg_absmax, exp_avg_sq_absmax = list(exp_avg_absmax), list(exp_avg_sq_absmax)
     if not params:
         return
-    device = _device(params)
+    device = device_of(params)
     name = dispatch.select(backend, device, OP)
-    lr_tensor, lr_f = _resolve_lr(lr, device)
+    lr_tensor, lr_f = resolve_lr(lr, device)
     args = (params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax,
             steps, lr_tensor, lr_f, inv_scale, found_inf, rng_state, float(beta1), float(beta2),
             float(eps), float(weight_decay), bool(decoupled), bool(maximize),
@@ -105,8 +105,8 @@ def check_compact_args(params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_ab
                        beta1, beta2, eps, weight_decay, decoupled, maximize,
                        stochastic_rounding) -> None:
     """Every check of the op, in the op's argument order (the C++ kernels run the same)."""
-    _check_beta("beta1", beta1)
-    _check_beta("beta2", beta2)
+    check_beta("beta1", beta1)
+    check_beta("beta2", beta2)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if not weight_decay >= 0.0:

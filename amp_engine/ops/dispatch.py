@@ -50,10 +50,30 @@ def _triton_reason(device_type: str, op: str = DEFAULT_OP) -> str | None:
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)"
         if importlib.util.find_spec("numpy") is None:
             return "the Triton interpreter (TRITON_INTERPRET=1) computes in numpy, which is not installed"
-        return None
+        return _interpreter_numpy_reason()
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
     return f"Triton does not run on {device_type}"
+
+
+def _version(dist: str) -> tuple[int, int]:
+    from importlib.metadata import version
+
+    major, minor = version(dist).split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _interpreter_numpy_reason() -> str | None:
+    """Triton's interpreter before 3.8 fails on numpy >= 2.4 (its loop bounds become
+    0-dim arrays that numpy 2.4 no longer converts to Python ints: "only 0-dimensional
+    arrays can be converted to Python scalars"). Seen with triton 3.6, the GPU machine's."""
+    try:
+        if _version("triton") < (3, 8) and _version("numpy") >= (2, 4):
+            return ("the Triton interpreter of triton < 3.8 fails with numpy >= 2.4; "
+                    "install numpy < 2.4 or triton >= 3.8 to run Triton on CPU tensors")
+    except Exception:  # noqa: BLE001 - no metadata (a source checkout): let it try
+        return None
+    return None
 
 
 def unavailable_reason(backend: str, device: torch.device | str, op: str = DEFAULT_OP) -> str | None:

@@ -55,7 +55,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
 
 
 # ---------------------------------------------------------------- validation
-def _check_list(ts, name: str, n: int | None, device) -> None:
+def check_list(ts, name: str, n: int | None, device) -> None:
     if isinstance(ts, Tensor) or not isinstance(ts, (list, tuple)):
         raise TypeError(f"{name} must be a list of tensors, got {type(ts).__name__}")
     if n is not None and len(ts) != n:
@@ -95,27 +95,27 @@ def check_step_args(params, grads, masters, states, steps, lr_tensor, lr, inv_sc
 
     ``states`` maps a state-list name to the list (moments, momentum buffers).
     """
-    _check_list(params, "params", None, params[0].device if len(params) else torch.device("cpu"))
+    check_list(params, "params", None, params[0].device if len(params) else torch.device("cpu"))
     if not len(params):
         return
     device = params[0].device
     n = len(params)
-    _check_list(grads, "grads", n, device)
+    check_list(grads, "grads", n, device)
     for i, (g, p) in enumerate(zip(grads, params)):
         if g.shape != p.shape:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape "
                              f"{tuple(p.shape)}")
     if len(masters):
-        _check_list(masters, "masters", n, device)
+        check_list(masters, "masters", n, device)
         for i, p in enumerate(params):
             if p.dtype not in (torch.float16, torch.bfloat16):
                 raise TypeError(f"masters[{i}] given for a {p.dtype} param; fp32 masters are "
                                 "for float16/bfloat16 params only (pass masters=[] otherwise)")
         _check_state(masters, "masters", params, lambda p: torch.float32)
     for name, ts in states.items():
-        _check_list(ts, name, n, device)
+        check_list(ts, name, n, device)
         _check_state(ts, name, params, _moment_dtype)
-    _check_list(steps, "steps", n, device)
+    check_list(steps, "steps", n, device)
     for i, s in enumerate(steps):
         check_scalar_tensor(s, f"steps[{i}]", torch.float32, device)
     if lr_tensor is not None:
@@ -137,12 +137,12 @@ def check_step_args(params, grads, masters, states, steps, lr_tensor, lr, inv_sc
                          "(int64 [seed, counter])")
 
 
-def _check_beta(name: str, b: float) -> None:
+def check_beta(name: str, b: float) -> None:
     if not 0.0 <= b < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {b}")
 
 
-def _resolve_lr(lr, device: torch.device) -> tuple[Tensor | None, float]:
+def resolve_lr(lr, device: torch.device) -> tuple[Tensor | None, float]:
     """(lr_tensor, lr): a tensor on the params' device is read there (no sync)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -155,7 +155,7 @@ def _resolve_lr(lr, device: torch.device) -> tuple[Tensor | None, float]:
     return None, float(lr)
 
 
-def _device(params: Sequence[Tensor]) -> torch.device:
+def device_of(params: Sequence[Tensor]) -> torch.device:
     return params[0].device if len(params) and isinstance(params[0], Tensor) else torch.device("cpu")
 
 
@@ -190,8 +190,8 @@ def adam_step_(
         list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(steps))
     if not params:  # nothing to update (a custom op cannot dispatch without a tensor)
         return
-    device = _device(params)
-    lr_tensor, lr_f = _resolve_lr(lr, device)
+    device = device_of(params)
+    lr_tensor, lr_f = resolve_lr(lr, device)
     args = (params, grads, masters, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor,
             lr_f, inv_scale, found_inf, rng_state, float(beta1), float(beta2), float(eps),
             float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
@@ -200,8 +200,8 @@ def adam_step_(
     if name in ("cpp", "cuda"):
         torch.ops.amp_engine.adam_step_(*args)
         return
-    _check_beta("beta1", beta1)
-    _check_beta("beta2", beta2)
+    check_beta("beta1", beta1)
+    check_beta("beta2", beta2)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if not weight_decay >= 0.0:
@@ -233,8 +233,8 @@ def sgd_step_(
     momentum_buffers, steps = list(momentum_buffers), list(steps)
     if not params:  # nothing to update (a custom op cannot dispatch without a tensor)
         return
-    device = _device(params)
-    lr_tensor, lr_f = _resolve_lr(lr, device)
+    device = device_of(params)
+    lr_tensor, lr_f = resolve_lr(lr, device)
     args = (params, grads, masters, momentum_buffers, steps, lr_tensor, lr_f, inv_scale,
             found_inf, rng_state, float(momentum), float(dampening), float(weight_decay),
             bool(nesterov), bool(maximize), bool(stochastic_rounding))

@@ -52,7 +52,7 @@ from torch.amp.grad_scaler import OptState
 from amp_engine import ops
 from amp_engine.distributed import all_reduce_step_
 from amp_engine.scaler.clip import ClipMixin
-from amp_engine.scaler.grads import OptimizerGrads, param_groups_key
+from amp_engine.scaler.grads import OptimizerGrads
 from amp_engine.scaler.state import StateMixin, check_config, refresh_per_optimizer_state
 from amp_engine.scaler.stats import AmpStats
 
@@ -163,7 +163,7 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
 
     def _grads_of(self, optimizer) -> OptimizerGrads:
         entry = self._grad_cache.get(optimizer)
-        if entry is None or entry.key != param_groups_key(optimizer):
+        if entry is None or not entry.matches(optimizer):
             self._stats.lazy_init(self._scale.device)
             entry = OptimizerGrads(optimizer, self._stats, self._n_optimizers_seen)
             self._n_optimizers_seen += 1

@@ -17,9 +17,10 @@ from torch import Tensor
 from amp_engine import distributed
 from amp_engine.scaler.stats import AmpStats
 
-def param_groups_key(optimizer) -> tuple:
-    """Cheap fingerprint of the param groups: changes when groups or their lists do."""
-    return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+def _param_lists(optimizer) -> tuple[list, tuple[int, ...]]:
+    """The param groups' lists and their lengths: what a cached entry is checked against."""
+    lists = [g["params"] for g in optimizer.param_groups]
+    return lists, tuple(len(x) for x in lists)
 
 
 def _to_device(values: list[int], device: torch.device) -> Tensor:
@@ -115,10 +116,20 @@ class DeviceGrads:
 class OptimizerGrads:
     """What the scaler caches per optimizer: device groups and how to step it."""
 
-    __slots__ = ("key", "groups", "mesh", "sharding", "grad_scaler_kwarg")
+    def matches(self, optimizer) -> bool:
+        """False once param groups were added, or a group's list replaced or resized.
+
+        Identity (``is``) of the lists, not their ``id()``: Dynamo 2.11 cannot trace
+        ``id()`` of a list, and this runs inside a compiled step.
+        """
+        lists = [g["params"] for g in optimizer.param_groups]
+        return len(lists) == len(self.lists) and all(
+            a is b and len(a) == n for a, b, n in zip(lists, self.lists, self.lengths))
+
+    __slots__ = ("lists", "lengths", "groups", "mesh", "sharding", "grad_scaler_kwarg")
 
     def __init__(self, optimizer, stats: AmpStats, opt_index: int) -> None:
-        self.key = param_groups_key(optimizer)
+        self.lists, self.lengths = _param_lists(optimizer)
         by_device: dict[torch.device, tuple[list, list]] = {}
         seen: set[int] = set()
         for gi, group in enumerate(optimizer.param_groups):

@@ -23,7 +23,7 @@ GradScaler.stats).
 """
 from __future__ import annotations
 
-import importlib.util
+import ctypes
 import re
 import weakref
 from collections.abc import Iterable, Sequence
@@ -34,13 +34,13 @@ from torch import Tensor
 __all__ = ["AmpStats"]
 
 
-def _host_view(t: Tensor):
-    """What to read a 0-dim host tensor through: a numpy view when numpy is there
-    (int() of it calls no tensor method, so no dispatcher cost per read), else the
-    tensor itself (numpy is optional: ``import amp_engine`` needs torch alone)."""
-    if importlib.util.find_spec("numpy") is None:
-        return t
-    return t.numpy()
+def _host_view(t: Tensor) -> ctypes.c_int64:
+    """A ctypes int64 over the memory of `t` (0-dim int64, host): ``.value`` reads it
+    calling no tensor method (no dispatcher cost per read, no Tensor.numpy/item that a
+    host-sync check counts) and needs no numpy. The caller keeps `t` alive beside it."""
+    if t.dtype != torch.int64 or t.numel() != 1 or t.device.type != "cpu":
+        raise ValueError(f"expected a one-element int64 host tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return ctypes.c_int64.from_address(t.data_ptr())
 
 
 class AmpStats:
@@ -81,12 +81,12 @@ class AmpStats:
         if self.device.type == "cpu":
             # host memory: the kernels write it, floor_run_lagged reads it through _host_view
             self.last_above_floor = self._floor_host = torch.full((), last_above, dtype=torch.int64)
-            self._floor_host_np = _host_view(self._floor_host)
+            self._floor_host_view = _host_view(self._floor_host)
         else:
             self.last_above_floor = torch.full((), last_above, dtype=torch.int64,
                                                device=self.device)
             self._floor_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
-            self._floor_host_np = _host_view(self._floor_host)
+            self._floor_host_view = _host_view(self._floor_host)
         self._floor_event = None  # (event, updates when the copy was issued) on CUDA
 
     def columns_for(self, params: Sequence[Tensor], names: Sequence[str]) -> list[int]:
@@ -138,20 +138,20 @@ class AmpStats:
         """floor_run as seen at most ``every`` updates ago, never waiting on the device.
 
         Checked every ``every`` updates. On the CPU the counter is host memory,
-        read through a numpy view made once. On CUDA an async copy into pinned
+        read through a ctypes view made once. On CUDA an async copy into pinned
         memory is issued and read at the next check once its event has
         completed (None until then): no host sync either way.
         """
         if self.device is None or self.updates % every:
             return None
         if self.device.type == "cpu":
-            return self.updates - 1 - int(self._floor_host_np)
+            return self.updates - 1 - self._floor_host_view.value
         value = None
         if self._floor_event is not None:
             event, updates = self._floor_event
             if not event.query():
                 return None  # the previous copy is still in flight: try next time
-            value = updates - 1 - int(self._floor_host_np)
+            value = updates - 1 - self._floor_host_view.value
         self._floor_host.copy_(self.last_above_floor, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -221,7 +221,7 @@ class AmpStats:
         # tensors and weakrefs do not pickle: keep the counters, restart lazily
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("counts", "ring", "ring_steps", "events", "last_above_floor",
-                              "_floor_host", "_floor_host_np", "_floor_event",
+                              "_floor_host", "_floor_host_view", "_floor_event",
                               "_columns", "_column_of")}
         state["_pending"] = {"events": self.skipped_steps(), "floor_run": self.floor_run_now()}
         state["device"] = None

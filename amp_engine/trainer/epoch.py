@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from amp_engine import _optional
 from amp_engine.trainer.config import MixedPrecisionConfig
 from amp_engine.trainer.trainer import LossFn, MixedPrecisionTrainer

@@ -18,12 +18,16 @@ import torch
 
 from amp_engine.ops.reference import scaling as reference
 
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from amp_engine.ops import dispatch  # noqa: E402
+
+_reason = dispatch.unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu")
+if _reason is not None:  # e.g. no GPU and no TRITON_INTERPRET=1 (tests/conftest.py sets it with numpy)
+    pytest.skip(f"the Triton backend cannot run here: {_reason}", allow_module_level=True)
 from amp_engine.ops.triton import scaling as tk  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# on a GPU these are CUDA tests (scripts/gpu_check.sh runs `-m cuda` first)
+pytestmark = [pytest.mark.cuda] if DEVICE == "cuda" else []
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16,
              torch.bfloat16: torch.int16, torch.float64: torch.int64}

@@ -16,9 +16,9 @@ from .kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
                                       run)
 
 DEVICE = "cuda"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
     optim_steps.unavailable_reason("cuda", DEVICE) is not None,
-    reason=f"CUDA optimizer kernels not usable: {optim_steps.unavailable_reason('cuda', DEVICE)}")
+    reason=f"CUDA optimizer kernels not usable: {optim_steps.unavailable_reason('cuda', DEVICE)}")]
 
 ADAM_KEYS = ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
              "steps", "rng_state")

@@ -15,7 +15,11 @@ import torch
 from amp_engine.ops import adam_step_ as adam_entry
 from amp_engine.ops.reference import optim as ref
 from amp_engine.ops import optim_steps
-from amp_engine.ops.triton import optim as triton_optim
+
+_reason = optim_steps.unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu")
+if _reason is not None:
+    pytest.skip(f"the Triton backend cannot run here: {_reason}", allow_module_level=True)
+from amp_engine.ops.triton import optim as triton_optim  # noqa: E402
 from .kernel_cases import (DTYPES, HALF, SIZES, assert_state_equal, make_state,
                                       run)
 
@@ -24,6 +28,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     DEVICES = ["cpu"]
 else:
     DEVICES = ["cuda"] if torch.cuda.is_available() else []
+# on a GPU these are CUDA tests (scripts/gpu_check.sh runs `-m cuda` first)
+pytestmark = [pytest.mark.cuda] if DEVICES == ["cuda"] else []
 ADAM_KEYS = ("params", "grads", "masters", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs",
              "steps", "rng_state")
 SGD_KEYS = ("params", "grads", "masters", "momentum_buffers", "steps", "rng_state")

@@ -152,6 +152,12 @@ def test_no_grads_gives_zero_norm():
     assert torch.equal(params[0].detach(), torch.ones(3))
 
 
+# torch 2.11's clip_grad_norm_ fails on sparse grads (_foreach_norm has no SparseCPU
+# kernel); 2.14.1's works (2.12 and 2.13 not checked, so gated with 2.11). Our clip
+# falls back to torch's for sparse grads, so it fails there the same way.
+@pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < "2.14",
+                    reason=f"torch {torch.__version__}: clip_grad_norm_ fails on sparse grads (no "
+                    "SparseCPU _foreach_norm), in torch's recipe and in our sparse fallback alike")
 def test_sparse_grads_fall_back_and_match_torch():
     results = []
     for cls in (torch.amp.GradScaler, GradScaler):

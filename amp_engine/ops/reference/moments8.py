@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from amp_engine.ops import moments8
-from amp_engine.ops.reference.optim import _round_host, _sqrt, round_bf16_stochastic, sr_bits
+from amp_engine.ops.reference.optim import round_host, exact_sqrt, round_bf16_stochastic, sr_bits
 
 
 def load_moment(t: Tensor, absmax: Tensor | None, signed: bool) -> Tensor:
@@ -95,12 +95,12 @@ def adam_step_compact_(
         m = load_moment(m_t, m_abs, True)
         v = load_moment(v_t, v_abs, False)
         w1 = const(1.0 - beta1)
-        if _round_host(1.0 - beta1, f32) < 0.5:  # torch's lerp, as reference.optim
+        if round_host(1.0 - beta1, f32) < 0.5:  # torch's lerp, as reference.optim
             m = m + w1 * (g - m)
         else:
             m = g - (g - m) * (1 - w1)
         v = v * const(beta2) + (const(1.0 - beta2) * g) * g
-        denom = _sqrt(v) / bc2_sqrt + const(eps)
+        denom = exact_sqrt(v) / bc2_sqrt + const(eps)
         w = w + (neg_step_size * m) / denom
         store_moment(m, m_t, m_abs, True, keep)
         store_moment(v, v_t, v_abs, False, keep)

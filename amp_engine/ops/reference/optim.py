@@ -126,12 +126,12 @@ def round_bf16_stochastic(w: Tensor, r: Tensor) -> Tensor:
     return up.to(torch.int16).view(torch.bfloat16)
 
 
-def _round_host(x: float, dtype: torch.dtype) -> float:
+def round_host(x: float, dtype: torch.dtype) -> float:
     """x rounded to fp32 (or kept as fp64), on the host."""
     return struct.unpack("f", struct.pack("f", x))[0] if dtype == torch.float32 else x
 
 
-def _sqrt(x: Tensor) -> Tensor:
+def exact_sqrt(x: Tensor) -> Tensor:
     """Correctly rounded fp32 sqrt (torch's CPU sqrt is not: it may be 1 ulp off);
     fp64 is taken as torch computes it (kernels may differ there by an ulp)."""
     return torch.sqrt(x.double()).float() if x.dtype == torch.float32 else torch.sqrt(x)
@@ -202,7 +202,7 @@ def adam_step_(
                 g = g + torch.tensor(weight_decay, dtype=acc, device=p.device) * w
         w1 = torch.tensor(1.0 - beta1, dtype=acc, device=p.device)
         # torch's lerp: the branch is on the weight rounded to acc (a host value)
-        if _round_host(1.0 - beta1, acc) < 0.5:
+        if round_host(1.0 - beta1, acc) < 0.5:
             new_m = m + w1 * (g - m)
         else:
             new_m = g - (g - m) * (1 - w1)
@@ -212,7 +212,7 @@ def adam_step_(
         if amsgrad:
             v_use = torch.maximum(vmax, new_v)
             vmax.copy_(torch.where(keep, vmax, v_use))
-        denom = _sqrt(v_use) / bc2_sqrt + torch.tensor(eps, dtype=acc, device=p.device)
+        denom = exact_sqrt(v_use) / bc2_sqrt + torch.tensor(eps, dtype=acc, device=p.device)
         w = w + (neg_step_size * new_m) / denom
         m.copy_(torch.where(keep, m, new_m))
         v.copy_(torch.where(keep, v, new_v))

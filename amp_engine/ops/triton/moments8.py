@@ -18,7 +18,7 @@ from torch import Tensor
 
 from amp_engine.ops import moments8
 from amp_engine.ops.triton.moments8_kernels import BF16, F32, Q8, adam_compact_kernel
-from amp_engine.ops.triton.optim import _STORAGE, _acc_bits, _bits, _device_table
+from amp_engine.ops.triton.optim import STORAGE, acc_bits, bits_of, device_table
 from amp_engine.ops.triton.optim_kernels import count_step_kernel
 
 CHUNK = 8192  # a multiple of the 256-element block: no block spans two programs
@@ -95,15 +95,15 @@ def adam_step_compact_(
         counts[s.data_ptr()] = counts.get(s.data_ptr(), 0) + 1
     steps_at = len(flat)
     flat += list(counts) + list(counts.values())
-    buf = _device_table(flat, device)
+    buf = device_table(flat, device)
     common = (found_inf if found_inf is not None else buf,
               inv_scale if inv_scale is not None else buf,
               lr_tensor if lr_tensor is not None else buf,
               rng_state if rng_state is not None else buf)
     f32 = torch.float32
-    hyper = (_bits(lr), _bits(beta1), _bits(beta2), _bits(weight_decay),
-             _acc_bits(1.0 - beta1, f32), _acc_bits(beta2, f32), _acc_bits(1.0 - beta2, f32),
-             _acc_bits(eps, f32), _acc_bits(weight_decay, f32))
+    hyper = (bits_of(lr), bits_of(beta1), bits_of(beta2), bits_of(weight_decay),
+             acc_bits(1.0 - beta1, f32), acc_bits(beta2, f32), acc_bits(1.0 - beta2, f32),
+             acc_bits(eps, f32), acc_bits(weight_decay, f32))
     tables = (moments8.decode_table_tensor(True, device), moments8.decode_table_tensor(False, device))
     nb = _NB.get(device.type, _NB_DEFAULT)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -112,7 +112,7 @@ def adam_step_compact_(
                 continue
             adam_compact_kernel[(n_chunks,)](
                 buf[at:at + size], n, n_chunks, *common, hyper, *tables,
-                P_DT=_STORAGE[p_dt], G_DT=_STORAGE[g_dt], P_BF16=p_dt == torch.bfloat16,
+                P_DT=STORAGE[p_dt], G_DT=STORAGE[g_dt], P_BF16=p_dt == torch.bfloat16,
                 G_BF16=g_dt == torch.bfloat16, M_FMT=_FMT[m_dt], V_FMT=_FMT[v_dt],
                 HAS_MASTER=len(masters) > 0, HAS_INV=inv_scale is not None,
                 HAS_FOUND_INF=found_inf is not None, HAS_LR_TENSOR=lr_tensor is not None,

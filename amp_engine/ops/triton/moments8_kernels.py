@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from amp_engine.ops.triton.optim_kernels import (
-    _applied, _f64, _inv, _load_acc, _lr, _pow_f64, _sr_key, _store_param, _table_ptr,
+    applied, f64, grad_multiplier, load_acc, lr_of, pow_f64, sr_key, store_param, table_ptr,
 )
 
 F32, BF16, Q8 = 0, 1, 2
@@ -85,11 +85,11 @@ def _store_moment(ptr, abs_ptr, offs, mask, blk, bmask, x, FMT: tl.constexpr,
 @triton.jit
 def _mom_ptr(table, row, n, t, FMT: tl.constexpr):
     if FMT == 0:
-        return _table_ptr(table, row, n, t, tl.float32, False)
+        return table_ptr(table, row, n, t, tl.float32, False)
     elif FMT == 1:
-        return _table_ptr(table, row, n, t, tl.uint16, False)
+        return table_ptr(table, row, n, t, tl.uint16, False)
     else:
-        return _table_ptr(table, row, n, t, tl.uint8, False)
+        return table_ptr(table, row, n, t, tl.uint8, False)
 
 
 @triton.jit(do_not_specialize=["n", "n_chunks", "hyper"])
@@ -106,32 +106,32 @@ def adam_compact_kernel(
         U_MAXVAL: tl.constexpr, U_MAGIC: tl.constexpr, U_MINNORM: tl.constexpr,
         NB: tl.constexpr, CHUNK_SIZE: tl.constexpr):
     # hyper: fp64 bits of lr, beta1, beta2, wd, then fp32-rounded w1, beta2, 1-beta2, eps, wd
-    if _applied(found_inf, HAS_FOUND_INF):
+    if applied(found_inf, HAS_FOUND_INF):
         pid = tl.program_id(0)
         t = tl.load(table + 10 * n + pid)
         start = tl.load(table + 10 * n + n_chunks + pid) * CHUNK_SIZE
-        p_ptr = _table_ptr(table, 0, n, t, P_DT, False)
-        g_ptr = _table_ptr(table, 1, n, t, G_DT, False)
-        w_ptr = _table_ptr(table, 2, n, t, tl.float32, False)
+        p_ptr = table_ptr(table, 0, n, t, P_DT, False)
+        g_ptr = table_ptr(table, 1, n, t, G_DT, False)
+        w_ptr = table_ptr(table, 2, n, t, tl.float32, False)
         m_ptr = _mom_ptr(table, 3, n, t, M_FMT)
         v_ptr = _mom_ptr(table, 4, n, t, V_FMT)
-        ma_ptr = _table_ptr(table, 5, n, t, tl.float32, False)
-        va_ptr = _table_ptr(table, 6, n, t, tl.float32, False)
+        ma_ptr = table_ptr(table, 5, n, t, tl.float32, False)
+        va_ptr = table_ptr(table, 6, n, t, tl.float32, False)
         step_ptr = tl.load(table + 7 * n + t).to(tl.pointer_type(tl.float32))
         numel = tl.load(table + 8 * n + t)
-        key = _sr_key(rng_state, tl.load(table + 9 * n + t), STOCHASTIC)
+        key = sr_key(rng_state, tl.load(table + 9 * n + t), STOCHASTIC)
         step = tl.load(step_ptr).to(tl.float64) + 1.0
-        lr = _lr(lr_tensor, hyper[0], HAS_LR_TENSOR)
-        bc1 = 1.0 - _pow_f64(_f64(hyper[1]), step)
-        bc2_sqrt = tl.sqrt(1.0 - _pow_f64(_f64(hyper[2]), step)).to(tl.float32)
+        lr = lr_of(lr_tensor, hyper[0], HAS_LR_TENSOR)
+        bc1 = 1.0 - pow_f64(f64(hyper[1]), step)
+        bc2_sqrt = tl.sqrt(1.0 - pow_f64(f64(hyper[2]), step)).to(tl.float32)
         neg_step = (-(lr / bc1)).to(tl.float32)
-        decay = (1.0 - lr * _f64(hyper[3])).to(tl.float32)
-        inv = _inv(inv_scale, tl.float32, HAS_INV)
-        w1 = _f64(hyper[4]).to(tl.float32)
-        beta2 = _f64(hyper[5]).to(tl.float32)
-        omb2 = _f64(hyper[6]).to(tl.float32)
-        eps = _f64(hyper[7]).to(tl.float32)
-        wd = _f64(hyper[8]).to(tl.float32)
+        decay = (1.0 - lr * f64(hyper[3])).to(tl.float32)
+        inv = grad_multiplier(inv_scale, tl.float32, HAS_INV)
+        w1 = f64(hyper[4]).to(tl.float32)
+        beta2 = f64(hyper[5]).to(tl.float32)
+        omb2 = f64(hyper[6]).to(tl.float32)
+        eps = f64(hyper[7]).to(tl.float32)
+        wd = f64(hyper[8]).to(tl.float32)
         rows = tl.arange(0, NB)
         cols = tl.arange(0, 256)
         for base in range(start, start + CHUNK_SIZE, NB * 256):
@@ -140,7 +140,7 @@ def adam_compact_kernel(
                 bmask = blk * 256 < numel
                 offs = base + rows[:, None] * 256 + cols[None, :]
                 mask = offs < numel
-                g = _load_acc(g_ptr, offs, mask, G_BF16, tl.float32, True)
+                g = load_acc(g_ptr, offs, mask, G_BF16, tl.float32, True)
                 if HAS_INV:
                     g = g * inv
                 if MAXIMIZE:
@@ -148,7 +148,7 @@ def adam_compact_kernel(
                 if HAS_MASTER:
                     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
                 else:
-                    w = _load_acc(p_ptr, offs, mask, P_BF16, tl.float32, True)
+                    w = load_acc(p_ptr, offs, mask, P_BF16, tl.float32, True)
                 if HAS_WD:
                     if DECOUPLED:
                         w = w * decay
@@ -169,4 +169,4 @@ def adam_compact_kernel(
                               U_M, U_MAXCODE, U_MAXVAL, U_MAGIC, U_MINNORM)
                 if HAS_MASTER:
                     tl.store(w_ptr + offs, w, mask=mask)
-                _store_param(p_ptr, offs, w, mask, key, P_DT, P_BF16, STOCHASTIC, True)
+                store_param(p_ptr, offs, w, mask, key, P_DT, P_BF16, STOCHASTIC, True)

@@ -30,20 +30,20 @@ _BLOCK = {"cuda": 1024}
 _BLOCK_DEFAULT = 4096
 
 # ------------------------------------------------------------------ host side
-_STORAGE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.uint16,
+STORAGE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.uint16,
             torch.float64: tl.float64}
 #: pointer tables by content: a steady training loop copies none; a table a CUDA
 #: graph captured is pinned, never evicted (see ops.triton.tables)
 TABLES: LaunchTables[Tensor] = LaunchTables("optimizer steps", capacity=16)
 
 
-def _bits(x: float) -> int:
+def bits_of(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _acc_bits(x: float, acc: torch.dtype) -> int:
+def acc_bits(x: float, acc: torch.dtype) -> int:
     """Bits of x rounded to the accumulation dtype, as ``torch.tensor(x, dtype=acc)``."""
-    return _bits(_f32(x) if acc == torch.float32 else x)
+    return bits_of(_f32(x) if acc == torch.float32 else x)
 
 
 def _f32(x: float) -> float:
@@ -55,7 +55,7 @@ def _f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
-def _device_table(flat: list[int], device: torch.device) -> Tensor:
+def device_table(flat: list[int], device: torch.device) -> Tensor:
     def build() -> Tensor:
         host = torch.tensor(flat, dtype=torch.int64)
         if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the GPU
@@ -115,7 +115,7 @@ def _launch(kernel, rows: list[list[Tensor | None]], mutated: Sequence[int], ste
         counts[s.data_ptr()] = counts.get(s.data_ptr(), 0) + 1
     steps_at = len(flat)
     flat += list(counts) + list(counts.values())
-    buf = _device_table(flat, device)
+    buf = device_table(flat, device)
     dummy = buf
     common = (found_inf if found_inf is not None else dummy,
               inv_scale if inv_scale is not None else dummy,
@@ -129,9 +129,9 @@ def _launch(kernel, rows: list[list[Tensor | None]], mutated: Sequence[int], ste
             acc = torch.float64 if p_dtype == torch.float64 else torch.float32
             kernel[(n_chunks,)](
                 buf[at:at + size], n, n_chunks, *common, hyper(acc),
-                P_DT=_STORAGE[p_dtype], G_DT=_STORAGE[g_dtype],
+                P_DT=STORAGE[p_dtype], G_DT=STORAGE[g_dtype],
                 P_BF16=p_dtype == torch.bfloat16, G_BF16=g_dtype == torch.bfloat16,
-                ACC=_STORAGE[acc], HAS_FOUND_INF=found_inf is not None,
+                ACC=STORAGE[acc], HAS_FOUND_INF=found_inf is not None,
                 HAS_INV=inv_scale is not None, HAS_LR_TENSOR=lr_tensor is not None,
                 ALIGNED=aligned, BLOCK=block, CHUNK_SIZE=CHUNK, **flags(p_dtype, acc),
                 num_warps=4, enable_fp_fusion=False)
@@ -169,9 +169,9 @@ def adam_step_(
              max_exp_avg_sqs[i] if amsgrad else None] for i, p in enumerate(params)]
 
     def hyper(acc):
-        return (_bits(lr), _bits(beta1), _bits(beta2), _bits(weight_decay),
-                _acc_bits(1.0 - beta1, acc), _acc_bits(beta2, acc), _acc_bits(1.0 - beta2, acc),
-                _acc_bits(eps, acc), _acc_bits(weight_decay, acc))
+        return (bits_of(lr), bits_of(beta1), bits_of(beta2), bits_of(weight_decay),
+                acc_bits(1.0 - beta1, acc), acc_bits(beta2, acc), acc_bits(1.0 - beta2, acc),
+                acc_bits(eps, acc), acc_bits(weight_decay, acc))
 
     def flags(p_dtype, acc):
         w1 = _f32(1.0 - beta1) if acc == torch.float32 else 1.0 - beta1
@@ -199,8 +199,8 @@ def sgd_step_(
              momentum_buffers[i] if momentum != 0 else None] for i, p in enumerate(params)]
 
     def hyper(acc):
-        return (_bits(lr), _acc_bits(weight_decay, acc), _acc_bits(momentum, acc),
-                _acc_bits(1.0 - dampening, acc))
+        return (bits_of(lr), acc_bits(weight_decay, acc), acc_bits(momentum, acc),
+                acc_bits(1.0 - dampening, acc))
 
     def flags(p_dtype, acc):
         return dict(HAS_MASTER=len(masters) > 0, HAS_WD=weight_decay != 0,

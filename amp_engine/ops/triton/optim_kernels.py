@@ -31,7 +31,7 @@ if _INTERPRET:  # the interpreter runs on numpy: it is there whenever this branc
     import numpy as np
     from triton.runtime.interpreter import TensorHandle
 
-    def _pow_f64(base, exponent):
+    def pow_f64(base, exponent):
         """fp64 pow for the interpreter, which has no libdevice: libm's pow, as torch on CPU."""
         b, e = np.broadcast_arrays(base.handle.data, exponent.handle.data)
         out = np.array([math.pow(float(x), float(y)) for x, y in zip(b.flat, e.flat)],
@@ -40,12 +40,12 @@ if _INTERPRET:  # the interpreter runs on numpy: it is there whenever this branc
 else:
     from triton.language.extra import libdevice
 
-    _pow_f64 = libdevice.pow  # __nv_pow: what torch.pow runs for fp64 on the GPU
+    pow_f64 = libdevice.pow  # __nv_pow: what torch.pow runs for fp64 on the GPU
 
 
 # ------------------------------------------------------------------ device helpers
 @triton.jit
-def _f64(bits):
+def f64(bits):
     """An fp64 value from its int64 bit pattern (the interpreter may type small ints int32)."""
     return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
@@ -77,7 +77,7 @@ def _mix32(x):
 
 
 @triton.jit
-def _table_ptr(table, row, n, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def table_ptr(table, row, n, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     ptr = tl.load(table + row * n + t).to(tl.pointer_type(DTYPE))
     if ALIGNED:  # the host checked 16-byte alignment: vector loads (the hint must be on the pointer)
         ptr = tl.multiple_of(ptr, 16)
@@ -101,7 +101,7 @@ def _store(ptr, offs, x, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load_acc(ptr, offs, mask, IS_BF16: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+def load_acc(ptr, offs, mask, IS_BF16: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
     x = _load(ptr, offs, mask, MASKED)
     if IS_BF16:  # uint16 bits -> fp32, exact; no bf16 arithmetic anywhere
         return (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(ACC)
@@ -110,7 +110,7 @@ def _load_acc(ptr, offs, mask, IS_BF16: tl.constexpr, ACC: tl.constexpr, MASKED:
 
 
 @triton.jit
-def _store_param(ptr, offs, w, mask, key, P_DT: tl.constexpr, IS_BF16: tl.constexpr,
+def store_param(ptr, offs, w, mask, key, P_DT: tl.constexpr, IS_BF16: tl.constexpr,
                  STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
     """Write w (acc) into the param: bf16 by integer rounding (nearest even or stochastic)."""
     if IS_BF16:
@@ -128,7 +128,7 @@ def _store_param(ptr, offs, w, mask, key, P_DT: tl.constexpr, IS_BF16: tl.conste
 
 
 @triton.jit
-def _sr_key(rng_state, index, STOCHASTIC: tl.constexpr):
+def sr_key(rng_state, index, STOCHASTIC: tl.constexpr):
     """key_i of the reference: the seed, the counter before this step and the tensor index."""
     if STOCHASTIC:
         seed = tl.load(rng_state)
@@ -141,7 +141,7 @@ def _sr_key(rng_state, index, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _applied(found_inf, HAS_FOUND_INF: tl.constexpr):
+def applied(found_inf, HAS_FOUND_INF: tl.constexpr):
     if HAS_FOUND_INF:
         return tl.load(found_inf) == 0  # a NaN flag is "not 0" too: skip
     else:
@@ -149,15 +149,15 @@ def _applied(found_inf, HAS_FOUND_INF: tl.constexpr):
 
 
 @triton.jit
-def _lr(lr_tensor, lr_bits, HAS_LR_TENSOR: tl.constexpr):
+def lr_of(lr_tensor, lr_bits, HAS_LR_TENSOR: tl.constexpr):
     if HAS_LR_TENSOR:
         return tl.load(lr_tensor).to(tl.float64)  # fp32 or fp64 on the device: no sync
     else:
-        return _f64(lr_bits)
+        return f64(lr_bits)
 
 
 @triton.jit
-def _inv(inv_scale, ACC: tl.constexpr, HAS_INV: tl.constexpr):
+def grad_multiplier(inv_scale, ACC: tl.constexpr, HAS_INV: tl.constexpr):
     if HAS_INV:
         return tl.load(inv_scale).to(ACC)
     else:
@@ -173,7 +173,7 @@ def _adam_block(offs, mask, ptrs, sc, P_DT: tl.constexpr, P_BF16: tl.constexpr,
                 LERP_SMALL: tl.constexpr, STOCHASTIC: tl.constexpr, MASKED: tl.constexpr):
     p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, vmax_ptr = ptrs
     inv, decay, wd, w1, omw1, beta2, omb2, eps, bc2_sqrt, neg_step, key = sc
-    g = _load_acc(g_ptr, offs, mask, G_BF16, ACC, MASKED)
+    g = load_acc(g_ptr, offs, mask, G_BF16, ACC, MASKED)
     if HAS_INV:
         g = g * inv
     if MAXIMIZE:
@@ -181,7 +181,7 @@ def _adam_block(offs, mask, ptrs, sc, P_DT: tl.constexpr, P_BF16: tl.constexpr,
     if HAS_MASTER:
         w = _load(w_ptr, offs, mask, MASKED)
     else:
-        w = _load_acc(p_ptr, offs, mask, P_BF16, ACC, MASKED)
+        w = load_acc(p_ptr, offs, mask, P_BF16, ACC, MASKED)
     if HAS_WD:
         if DECOUPLED:
             w = w * decay
@@ -206,7 +206,7 @@ def _adam_block(offs, mask, ptrs, sc, P_DT: tl.constexpr, P_BF16: tl.constexpr,
     _store(v_ptr, offs, v, mask, MASKED)
     if HAS_MASTER:
         _store(w_ptr, offs, w, mask, MASKED)
-    _store_param(p_ptr, offs, w, mask, key, P_DT, P_BF16, STOCHASTIC, MASKED)
+    store_param(p_ptr, offs, w, mask, key, P_DT, P_BF16, STOCHASTIC, MASKED)
 
 
 @triton.jit(do_not_specialize=["n", "n_chunks", "hyper"])
@@ -219,26 +219,26 @@ def adam_kernel(table, n, n_chunks, found_inf, inv_scale, lr_tensor, rng_state, 
                  STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                  CHUNK_SIZE: tl.constexpr):
     # hyper: fp64 bits of lr, beta1, beta2, wd, then acc-rounded w1, beta2, 1-beta2, eps, wd
-    if _applied(found_inf, HAS_FOUND_INF):
+    if applied(found_inf, HAS_FOUND_INF):
         pid = tl.program_id(0)
         t = tl.load(table + 9 * n + pid)  # chunk table after the 9 rows of the tensor table
         start = tl.load(table + 9 * n + n_chunks + pid) * CHUNK_SIZE
-        ptrs = (_table_ptr(table, 0, n, t, P_DT, ALIGNED), _table_ptr(table, 1, n, t, G_DT, ALIGNED),
-                _table_ptr(table, 2, n, t, tl.float32, ALIGNED),
-                _table_ptr(table, 3, n, t, ACC, ALIGNED), _table_ptr(table, 4, n, t, ACC, ALIGNED),
-                _table_ptr(table, 5, n, t, ACC, ALIGNED))
+        ptrs = (table_ptr(table, 0, n, t, P_DT, ALIGNED), table_ptr(table, 1, n, t, G_DT, ALIGNED),
+                table_ptr(table, 2, n, t, tl.float32, ALIGNED),
+                table_ptr(table, 3, n, t, ACC, ALIGNED), table_ptr(table, 4, n, t, ACC, ALIGNED),
+                table_ptr(table, 5, n, t, ACC, ALIGNED))
         step_ptr = tl.load(table + 6 * n + t).to(tl.pointer_type(tl.float32))
         numel = tl.load(table + 7 * n + t)
-        key = _sr_key(rng_state, tl.load(table + 8 * n + t), STOCHASTIC)
+        key = sr_key(rng_state, tl.load(table + 8 * n + t), STOCHASTIC)
         # Per-tensor scalars in fp64, rounded to ACC once (the reference's order).
         step = tl.load(step_ptr).to(tl.float64) + 1.0
-        lr = _lr(lr_tensor, hyper[0], HAS_LR_TENSOR)
-        bc1 = 1.0 - _pow_f64(_f64(hyper[1]), step)
-        bc2_sqrt = tl.sqrt(1.0 - _pow_f64(_f64(hyper[2]), step)).to(ACC)
-        w1 = _f64(hyper[4]).to(ACC)
-        sc = (_inv(inv_scale, ACC, HAS_INV), (1.0 - lr * _f64(hyper[3])).to(ACC),
-              _f64(hyper[8]).to(ACC), w1, 1.0 - w1, _f64(hyper[5]).to(ACC),
-              _f64(hyper[6]).to(ACC), _f64(hyper[7]).to(ACC), bc2_sqrt, (-(lr / bc1)).to(ACC), key)
+        lr = lr_of(lr_tensor, hyper[0], HAS_LR_TENSOR)
+        bc1 = 1.0 - pow_f64(f64(hyper[1]), step)
+        bc2_sqrt = tl.sqrt(1.0 - pow_f64(f64(hyper[2]), step)).to(ACC)
+        w1 = f64(hyper[4]).to(ACC)
+        sc = (grad_multiplier(inv_scale, ACC, HAS_INV), (1.0 - lr * f64(hyper[3])).to(ACC),
+              f64(hyper[8]).to(ACC), w1, 1.0 - w1, f64(hyper[5]).to(ACC),
+              f64(hyper[6]).to(ACC), f64(hyper[7]).to(ACC), bc2_sqrt, (-(lr / bc1)).to(ACC), key)
         for base in range(start, start + CHUNK_SIZE, BLOCK):
             offs = base + tl.arange(0, BLOCK)
             if ALIGNED:
@@ -264,7 +264,7 @@ def _sgd_block(offs, mask, ptrs, sc, first, P_DT: tl.constexpr, P_BF16: tl.const
                MASKED: tl.constexpr):
     p_ptr, g_ptr, w_ptr, buf_ptr = ptrs
     inv, wd, mom, damp, neg_lr, key = sc
-    g = _load_acc(g_ptr, offs, mask, G_BF16, ACC, MASKED)
+    g = load_acc(g_ptr, offs, mask, G_BF16, ACC, MASKED)
     if HAS_INV:
         g = g * inv
     if MAXIMIZE:
@@ -272,7 +272,7 @@ def _sgd_block(offs, mask, ptrs, sc, first, P_DT: tl.constexpr, P_BF16: tl.const
     if HAS_MASTER:
         w = _load(w_ptr, offs, mask, MASKED)
     else:
-        w = _load_acc(p_ptr, offs, mask, P_BF16, ACC, MASKED)
+        w = load_acc(p_ptr, offs, mask, P_BF16, ACC, MASKED)
     if HAS_WD:
         g = g + wd * w
     if HAS_MOMENTUM:
@@ -288,7 +288,7 @@ def _sgd_block(offs, mask, ptrs, sc, first, P_DT: tl.constexpr, P_BF16: tl.const
     w = w + neg_lr * g
     if HAS_MASTER:
         _store(w_ptr, offs, w, mask, MASKED)
-    _store_param(p_ptr, offs, w, mask, key, P_DT, P_BF16, STOCHASTIC, MASKED)
+    store_param(p_ptr, offs, w, mask, key, P_DT, P_BF16, STOCHASTIC, MASKED)
 
 
 @triton.jit(do_not_specialize=["n", "n_chunks", "hyper"])
@@ -300,19 +300,19 @@ def sgd_kernel(table, n, n_chunks, found_inf, inv_scale, lr_tensor, rng_state, h
                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK_SIZE: tl.constexpr):
     # hyper: fp64 bits of lr, then acc-rounded wd, momentum, 1 - dampening
-    if _applied(found_inf, HAS_FOUND_INF):
+    if applied(found_inf, HAS_FOUND_INF):
         pid = tl.program_id(0)
         t = tl.load(table + 7 * n + pid)  # chunk table after the 7 rows of the tensor table
         start = tl.load(table + 7 * n + n_chunks + pid) * CHUNK_SIZE
-        ptrs = (_table_ptr(table, 0, n, t, P_DT, ALIGNED), _table_ptr(table, 1, n, t, G_DT, ALIGNED),
-                _table_ptr(table, 2, n, t, tl.float32, ALIGNED),
-                _table_ptr(table, 3, n, t, ACC, ALIGNED))
+        ptrs = (table_ptr(table, 0, n, t, P_DT, ALIGNED), table_ptr(table, 1, n, t, G_DT, ALIGNED),
+                table_ptr(table, 2, n, t, tl.float32, ALIGNED),
+                table_ptr(table, 3, n, t, ACC, ALIGNED))
         step_ptr = tl.load(table + 4 * n + t).to(tl.pointer_type(tl.float32))
         numel = tl.load(table + 5 * n + t)
-        key = _sr_key(rng_state, tl.load(table + 6 * n + t), STOCHASTIC)
+        key = sr_key(rng_state, tl.load(table + 6 * n + t), STOCHASTIC)
         first = tl.load(step_ptr) == 0
-        sc = (_inv(inv_scale, ACC, HAS_INV), _f64(hyper[1]).to(ACC), _f64(hyper[2]).to(ACC),
-              _f64(hyper[3]).to(ACC), (-_lr(lr_tensor, hyper[0], HAS_LR_TENSOR)).to(ACC), key)
+        sc = (grad_multiplier(inv_scale, ACC, HAS_INV), f64(hyper[1]).to(ACC), f64(hyper[2]).to(ACC),
+              f64(hyper[3]).to(ACC), (-lr_of(lr_tensor, hyper[0], HAS_LR_TENSOR)).to(ACC), key)
         for base in range(start, start + CHUNK_SIZE, BLOCK):
             offs = base + tl.arange(0, BLOCK)
             if ALIGNED:
@@ -331,7 +331,7 @@ def sgd_kernel(table, n, n_chunks, found_inf, inv_scale, lr_tensor, rng_state, h
 def count_step_kernel(steps_table, n, found_inf, rng_state, HAS_FOUND_INF: tl.constexpr,
                        ADVANCE_RNG: tl.constexpr, BLOCK: tl.constexpr):
     """steps[i] += count[i] and rng counter += 1, after every update read them; if applied."""
-    if _applied(found_inf, HAS_FOUND_INF):
+    if applied(found_inf, HAS_FOUND_INF):
         for base in range(0, n, BLOCK):
             offs = base + tl.arange(0, BLOCK)
             mask = offs < n
