@@ -87,6 +87,20 @@ STABLE_TORCH_LIBRARY(amp_engine, m) {
       "Tensor? inv_scale, Tensor? found_inf, Tensor(e!)? rng_state, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool stochastic_rounding) -> ()");
+  // Adam / AdamW (no amsgrad) whose moments are, per param, fp32, bf16 (written
+  // nearest-even) or uint8 = 8-bit blocks of 256 row-major elements with one fp32
+  // absmax each (format and truth: amp_engine/ops/moments8.py and
+  // ops/reference/moments8.py). *_absmax: [] when no such moment is uint8, else
+  // one per param (read and rewritten for a uint8 moment, unused otherwise).
+  // fp32/fp16/bf16 params; otherwise the contract of adam_step_, and found_inf != 0
+  // leaves codes and absmax bitwise unchanged too.
+  m.def(
+      "adam_step_compact_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_absmax, "
+      "Tensor(f!)[] exp_avg_sq_absmax, Tensor(g!)[] steps, Tensor? lr_tensor, float lr, "
+      "Tensor? inv_scale, Tensor? found_inf, Tensor(h!)? rng_state, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled, bool maximize, "
+      "bool stochastic_rounding) -> ()");
   // ---- end of fused optimizer steps -----------------------------------------------
 }
 
@@ -112,6 +126,12 @@ void adam_step_sparse(TensorList, TensorList, TensorList, TensorList, TensorList
                       double, double, double, bool, bool, bool, bool) {
   reject_sparse("adam_step_");
 }
+void adam_step_compact_sparse(TensorList, TensorList, TensorList, TensorList, TensorList,
+                              TensorList, TensorList, TensorList, OptTensor, double, OptTensor,
+                              OptTensor, OptTensor, double, double, double, double, bool, bool,
+                              bool) {
+  reject_sparse("adam_step_compact_");
+}
 void sgd_step_sparse(TensorList, TensorList, TensorList, TensorList, TensorList, OptTensor,
                      double, OptTensor, OptTensor, OptTensor, double, double, double, bool, bool,
                      bool) {
@@ -126,6 +146,7 @@ void sgd_step_sparse(TensorList, TensorList, TensorList, TensorList, TensorList,
     m.impl("grad_norm_and_check", TORCH_BOX(&amp_engine::grad_norm_and_check_sparse));   \
     m.impl("adam_step_", TORCH_BOX(&amp_engine::adam_step_sparse));                       \
     m.impl("sgd_step_", TORCH_BOX(&amp_engine::sgd_step_sparse));                         \
+    m.impl("adam_step_compact_", TORCH_BOX(&amp_engine::adam_step_compact_sparse));       \
   }
 AMP_ENGINE_REJECT_SPARSE(SparseCPU)
 AMP_ENGINE_REJECT_SPARSE(SparseCUDA)

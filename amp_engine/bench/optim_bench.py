@@ -16,10 +16,17 @@ update, with a loss scaler. Recipes (50 M params in 200 tensors by default):
      the compiled norm kernel runs the same sequence spelled with the ops and a
      one-pass torch._foreach_norm stand-in; the output says which.)
 
+  amp_engine with compact moments (amp_engine.optim.AdamW exp_avg_dtype /
+     exp_avg_sq_dtype): bf16 moments, 8-bit block moments (with fp32 params; with bf16
+     params and fp32 masters; with bf16 params and stochastic rounding, no master).
+
 The scale is 1.0 and max_norm is large (clip coefficient 1) in every recipe: repeated
 unscaling/clipping of the same grads would otherwise drive them subnormal, which is 50x
 slower on CPUs and measures nothing useful. The work done is the same either way.
-Bytes per param are each recipe's minimal traffic (reads + writes of every pass).
+"traffic B/param" is each recipe's minimal traffic (reads + writes of every pass);
+"memory B/param" the params + grads + optimizer state it holds, measured from its
+tensors (torch fused fp32: 16; bf16 + fp32 masters + 8-bit moments: ~10; bf16 with
+stochastic rounding + 8-bit moments: ~6).
 """
 from __future__ import annotations
 
@@ -42,7 +49,15 @@ BYTES = {
     "ours_fp32": 4 + 28,        # norm+check r 4; fused step r g,p,m,v 16, w p,m,v 12
     "ours_bf16": 2 + 28,        # norm+check r 2; step r g 2, master/m/v 12; w master/m/v 12, p 2
     "ours_sr": 2 + 22,          # bf16 without master: r g,p 4, m,v 8; w p 2, m,v 8
+    # compact moments (8-bit: + 2 x 4 B of absmax per 256 elements, read and written)
+    "ours_fp32_bf16m": 4 + 20,  # r g,p 8, m,v 4; w p 4, m,v 4
+    "ours_fp32_m8": 4 + 16,     # r g,p 8, m,v 2; w p 4, m,v 2
+    "ours_bf16_m8": 2 + 18,     # r g 2, master 4, m,v 2; w master 4, m,v 2, p 2
+    "ours_sr_m8": 2 + 10,       # r g,p 4, m,v 2; w p 2, m,v 2
 }
+BF16, U8 = torch.bfloat16, torch.uint8
+BF16_MOMENTS = {"exp_avg_dtype": BF16, "exp_avg_sq_dtype": BF16}
+MOMENTS8 = {"exp_avg_dtype": U8, "exp_avg_sq_dtype": U8}
 
 
 def _sizes(total: int, n_tensors: int) -> list[int]:
@@ -74,6 +89,7 @@ def _torch_recipe(params, device, **impl):
         torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
         scaler.step(opt)
         scaler.update()
+    step.held = lambda: _tensors(params, opt)
     return step
 
 
@@ -98,6 +114,7 @@ def recipe_b(params, device):
         inner()
         with torch.no_grad():
             torch._foreach_copy_(params, masters)
+    step.held = lambda: _tensors(params, None) + inner.held()
     return step
 
 
@@ -116,6 +133,7 @@ def recipe_ours(params, device, **opt_kw):
             scaler.clip_grad_norm_(opt, MAX_NORM)
             scaler.step(opt)
             scaler.update()
+        scaler_step.held = lambda: _tensors(params, opt)
         return scaler_step
     grads = [p.grad for p in params]
     scale = torch.ones((), device=device)
@@ -134,7 +152,29 @@ def recipe_ours(params, device, **opt_kw):
         del opt.grad_scale, opt.found_inf, opt.clip_coef
         ops.update_scale_(scale, growth_tracker, hysteresis_tracker, found_inf,
                           growth_factor=2.0, backoff_factor=0.5, growth_interval=1 << 30)
+    step.held = lambda: _tensors(params, opt)
     return step
+
+
+def _tensors(params, opt) -> list[torch.Tensor]:
+    """The params, their grads and every tensor of the optimizer's state."""
+    out = [t for p in params for t in (p, p.grad) if t is not None]
+    if opt is not None:
+        out += [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return out
+
+
+def memory_bytes_per_param(step, n_params: int) -> float:
+    """Params + grads + optimizer state (masters, moments, scales, step counters)
+    held by a recipe after its first step, in bytes per model parameter (measured
+    from the tensors, each storage counted once)."""
+    seen, total = set(), 0
+    for t in step.held():
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total / n_params
 
 
 def _has_norm_kernel(device) -> bool:
@@ -171,12 +211,18 @@ def cases(quick: bool, numel: int | None = None):
             ("A: torch GradScaler+unscale_+clip(foreach)+AdamW(fused)", recipe_a, "A", {}),
             ("C: torch GradScaler+clip(foreach)+AdamW(foreach)", recipe_c, "C_fp32", {}),
             ("amp_engine AdamW", recipe_ours, "ours_fp32", {}),
+            ("amp_engine AdamW, bf16 moments", recipe_ours, "ours_fp32_bf16m", BF16_MOMENTS),
+            ("amp_engine AdamW, 8-bit moments", recipe_ours, "ours_fp32_m8", MOMENTS8),
         ]),
         (f"bf16 params, {label}", torch.bfloat16, [
             ("B: torch fp32 masters by hand (copy, A, copy back)", recipe_b, "B", {}),
             ("amp_engine AdamW, fp32 masters", recipe_ours, "ours_bf16", {}),
             ("amp_engine AdamW, no master, stochastic rounding", recipe_ours, "ours_sr",
              {"stochastic_rounding": True}),
+            ("amp_engine AdamW, fp32 masters, 8-bit moments", recipe_ours, "ours_bf16_m8",
+             MOMENTS8),
+            ("amp_engine AdamW, no master, stochastic rounding, 8-bit moments", recipe_ours,
+             "ours_sr_m8", {"stochastic_rounding": True, **MOMENTS8}),
         ]),
     ]
 
@@ -204,6 +250,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int | None = None,
         times: dict[str, list[float]] = {impl: [] for impl, *_ in built}
         for _, _, _, step in built:  # warm-up: lazy state, first-touch page faults
             step()
+        memory = {impl: memory_bytes_per_param(step, n_params) for impl, _, _, step in built}
         for _ in range(rounds):
             copies.append(2 * src.numel() * 4 / time_block(lambda: dst.copy_(src), per_round) / 1e9)
             # read + write of the same memory (what an in-place update does: no
@@ -214,6 +261,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int | None = None,
         for impl, key, _, _ in built:
             ts = sorted(times[impl])
             extra = {"bytes_per_param": BYTES[key], "params": n_params, "recipe": key,
+                     "memory_bytes_per_param": memory[impl],
                      "rounds": rounds, "steps_per_round": per_round}
             if key.startswith("ours"):
                 extra["norm_pass"] = norm_backend(dev)
@@ -256,11 +304,12 @@ def _finish(rows: list[Row], copy_gbps: float | None) -> None:
 
 
 def summary(rows: list[Row]) -> str:
-    lines = ["| case | impl | B/param | ms/step | GB/s | % copy BW | % in-place BW | "
-             "speedup vs A/B | vs C |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | impl | memory B/param | traffic B/param | ms/step | GB/s | % copy BW | "
+             "% in-place BW | speedup vs A/B | vs C |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_c = r.extra.get("speedup_vs_C")
-        lines.append(f"| {r.case} | {r.impl} | {r.extra['bytes_per_param']} | {r.median_ms:.1f} "
+        lines.append(f"| {r.case} | {r.impl} | {r.extra['memory_bytes_per_param']:.2f} | "
+                     f"{r.extra['bytes_per_param']} | {r.median_ms:.1f} "
                      f"± {r.iqr_ms / 2:.1f} | {r.gbps:.1f} | {r.pct_copy_bw:.0f} | "
                      f"{r.extra['pct_in_place_bw']:.0f} | {r.speedup:.2f}× | "
                      f"{'—' if vs_c is None else f'{vs_c:.2f}×'} |")

@@ -1,25 +1,22 @@
 """``adam_step_compact_``: the fused Adam / AdamW step with compact (bf16 / 8-bit) moments.
 
-One Python entry that validates and picks a backend. The formats are
+One Python entry that picks a backend with :func:`amp_engine.ops.dispatch.select`
+(as every op: "cuda" > "triton" > "reference" on CUDA tensors, "cpp" >
+"reference" on the CPU; ``AMP_ENGINE_BACKEND`` and ``backend=`` as for the other
+ops). The compiled kernels (csrc/cpu/adam_step_compact.cpp,
+csrc/cuda/adam_step_compact.cu) check their arguments in C++
+(csrc/compact_checks.h); the Python backends are checked here. The formats are
 :mod:`amp_engine.ops.moments8`'s; the arithmetic is
 :mod:`amp_engine.ops.reference.moments8`'s (the truth: backends agree bitwise).
-
-Backends: "triton" (CUDA; CPU under ``TRITON_INTERPRET=1``) and "reference".
-The C++ backends have no kernel for this op yet (next phase), so the dispatcher
-maps them: ``backend="cuda"`` (or None on a CUDA device) runs Triton when it is
-usable there, else the reference; ``backend="cpp"`` (or None on the CPU) runs the
-reference. ``AMP_ENGINE_BACKEND`` is read as for the other ops. Until the C++
-kernel lands, a CPU step with compact moments is therefore the plain-torch
-reference: correct, but tens of times slower than the fused fp32 step.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from amp_engine import _extension
 from amp_engine.ops import dispatch, moments8
 from amp_engine.ops.optim_steps import check_beta, check_list, device_of, resolve_lr, check_step_args
 from amp_engine.ops.validation import check_scalar_tensor
@@ -29,24 +26,6 @@ MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
 OP = "adam_step_compact_"
-
-
-def compact_backend(backend: str | None, device: torch.device) -> str:
-    """The backend that runs the op for `backend` (as asked, or None) on `device`."""
-    if backend is None:
-        backend = os.environ.get("AMP_ENGINE_BACKEND") or None
-    if backend is not None and backend not in dispatch.BACKENDS:
-        raise ValueError(f"backend must be None or one of {', '.join(dispatch.BACKENDS)}; "
-                         f"got {backend!r}")
-    reason = dispatch.unavailable_reason("triton", device, OP)
-    if backend == "triton":
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run {OP} on {device}: {reason}")
-        return "triton"
-    if backend == "reference":
-        return "reference"
-    # None / "cuda" / "cpp": no C++ kernel yet (see the module docstring)
-    return "triton" if device.type == "cuda" and reason is None else "reference"
 
 
 def _check_moments(name: str, ts, absmax_name: str, absmax, params) -> None:
@@ -108,8 +87,24 @@ def adam_step_compact_(
     if not params:
         return
     device = device_of(params)
-    name = compact_backend(backend, device)
+    name = dispatch.select(backend, device, OP)
     lr_tensor, lr_f = resolve_lr(lr, device)
+    args = (params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax,
+            steps, lr_tensor, lr_f, inv_scale, found_inf, rng_state, float(beta1), float(beta2),
+            float(eps), float(weight_decay), bool(decoupled), bool(maximize),
+            bool(stochastic_rounding))
+    if name in ("cpp", "cuda"):  # checked in C++ (csrc/compact_checks.h)
+        torch.ops.amp_engine.adam_step_compact_(*args)
+        return
+    check_compact_args(*args)
+    dispatch.python_backend(name, OP).adam_step_compact_(*args)
+
+
+def check_compact_args(params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_absmax,
+                       exp_avg_sq_absmax, steps, lr_tensor, lr, inv_scale, found_inf, rng_state,
+                       beta1, beta2, eps, weight_decay, decoupled, maximize,
+                       stochastic_rounding) -> None:
+    """Every check of the op, in the op's argument order (the C++ kernels run the same)."""
     check_beta("beta1", beta1)
     check_beta("beta2", beta2)
     if not eps >= 0.0:
@@ -122,8 +117,11 @@ def adam_step_compact_(
             raise ValueError(f"{nm} has {len(ts)} tensors; expected {n} (one per param)")
     _check_absmax_list("exp_avg_absmax", exp_avg_absmax, n)
     _check_absmax_list("exp_avg_sq_absmax", exp_avg_sq_absmax, n)
-    check_step_args(params, grads, masters, {}, steps, lr_tensor, lr_f, inv_scale, found_inf,
+    check_step_args(params, grads, masters, {}, steps, lr_tensor, lr, inv_scale, found_inf,
                     rng_state, stochastic_rounding)
+    if not n:
+        return
+    device = params[0].device
     for i, p in enumerate(params):
         if p.dtype not in PARAM_DTYPES:
             raise TypeError(f"params[{i}] has dtype {p.dtype}; adam_step_compact_ takes float32, "
@@ -132,11 +130,25 @@ def adam_step_compact_(
     _check_moments("exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_absmax", exp_avg_sq_absmax, params)
     for i, s in enumerate(steps):
         check_scalar_tensor(s, f"steps[{i}]", torch.float32, device)
-    args = (params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax,
-            steps, lr_tensor, lr_f, inv_scale, found_inf, rng_state, float(beta1), float(beta2),
-            float(eps), float(weight_decay), bool(decoupled), bool(maximize),
-            bool(stochastic_rounding))
-    dispatch.python_backend(name, OP).adam_step_compact_(*args)
 
 
-__all__ = ["adam_step_compact_", "compact_backend"]
+def _register_fake() -> None:
+    """Shapes-only kernel so torch.compile / FakeTensor can trace the op (it validates
+    too: a list mixing real and meta tensors lands here)."""
+
+    @torch.library.register_fake(f"amp_engine::{OP}")
+    def _(params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_absmax, exp_avg_sq_absmax, steps,
+          lr_tensor, lr, inv_scale, found_inf, rng_state, beta1, beta2, eps, weight_decay,
+          decoupled, maximize, stochastic_rounding):
+        check_compact_args(params, grads, masters, exp_avgs, exp_avg_sqs, exp_avg_absmax,
+                           exp_avg_sq_absmax, steps, lr_tensor, lr, inv_scale, found_inf,
+                           rng_state, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                           stochastic_rounding)
+        return None
+
+
+if _extension.LOADED and hasattr(torch.ops.amp_engine, OP):
+    _register_fake()
+
+
+__all__ = ["adam_step_compact_", "check_compact_args"]

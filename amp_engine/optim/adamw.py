@@ -38,8 +38,8 @@ class Adam(FusedOptimizer):
             device; with True a CUDA graph capture of ``step()`` is allowed (a float
             lr is then baked into the graph: use a tensor lr to change it).
         backend: None (fastest built) or "cuda" / "triton" / "cpp" / "reference".
-            Compact moments have no C++ kernel yet: "cpp"/"cuda" run the reference /
-            Triton for those params (see :mod:`amp_engine.ops.compact_steps`).
+            Compact moments run the same choice of backend
+            (:mod:`amp_engine.ops.compact_steps`).
         exp_avg_dtype, exp_avg_sq_dtype: the moments' storage: torch.float32 (default),
             torch.bfloat16 (nearest-even) or torch.uint8 (8-bit blocks of 256 with an
             fp32 absmax each: ~2.03 B/param for both). Params under 4,096 elements,

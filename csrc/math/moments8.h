@@ -8,6 +8,7 @@
 // products must round on their own, as in the reference.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -63,18 +64,26 @@ AMP_ENGINE_M8_HD inline float encode_scale(float absmax, int m) {
 }
 
 // fp32 t >= 0 (or NaN) -> the nearest code of (e, m), ties to even, saturating.
+// Both ranges are computed and one is selected (no branch), so that a loop of
+// encodes vectorizes on the CPU and does not diverge on the GPU.
 AMP_ENGINE_M8_HD inline uint32_t encode_magnitude(float t, int e, int m) {
   const int bias = (1 << e) - 1;
   const int shift = 23 - m;
-  if (t < pow2(1 - bias)) {  // subnormal range: an fp32 add of the magic number rounds
-    const float magic = pow2(24 - bias - m);
-    const float s = t + magic;
-    return to_bits(s) - to_bits(magic);
-  }
+  // subnormal range: an fp32 add of the magic number rounds
+  const float magic = pow2(24 - bias - m);
+  const uint32_t sub = to_bits(t + magic) - to_bits(magic);
+  // normal range: rebias the exponent, round half to even on the integer bits
   int32_t normal = static_cast<int32_t>(to_bits(t) & 0x7FFFFFFFu) - ((127 - bias) << 23);
   normal = (normal + ((1 << (shift - 1)) - 1) + ((normal >> shift) & 1)) >> shift;
   const int32_t top = (1 << (e + m)) - 1;
-  return static_cast<uint32_t>(normal < top ? normal : top);
+  const uint32_t norm = static_cast<uint32_t>(normal < top ? normal : top);
+  // t < 2**(1 - bias) picks the subnormal code; t >= 0, so the compare is on the bits
+  // (NaN takes the normal path, which saturates). A bit blend, not a select: GCC
+  // would sink the (possibly trapping) fp32 add into a branch and then not
+  // vectorize the loop.
+  const uint32_t use_sub = 0u - static_cast<uint32_t>((to_bits(t) & 0x7FFFFFFFu) <
+                                                      to_bits(pow2(1 - bias)));
+  return norm ^ ((sub ^ norm) & use_sub);
 }
 
 // x (any float) -> its byte, given the block's encode_scale.
@@ -82,9 +91,9 @@ AMP_ENGINE_M8_HD inline uint8_t encode(float x, float scale, bool is_signed) {
   const int e = is_signed ? kSignedE : kUnsignedE;
   const int m = is_signed ? kSignedM : kUnsignedM;
   const float ax = from_bits(to_bits(x) & 0x7FFFFFFFu);  // |x|, NaN's sign dropped too
-  uint32_t code = encode_magnitude(ax * scale, e, m);
-  if (is_signed && (to_bits(x) >> 31)) code |= 0x80u;
-  return static_cast<uint8_t>(code);
+  const uint32_t code = encode_magnitude(ax * scale, e, m);
+  const uint32_t sign = is_signed ? (to_bits(x) >> 31) << 7 : 0u;  // no branch: see above
+  return static_cast<uint8_t>(code | sign);
 }
 
 // DECODE[code] = fp32(minifloat(code) / maxval): a 256-entry table to precompute.
@@ -103,6 +112,33 @@ AMP_ENGINE_M8_HD inline float decode_value(uint32_t code, bool is_signed) {
 
 AMP_ENGINE_M8_HD inline float decode(uint8_t code, float absmax, const float* table) {
   return table[code] * absmax;
+}
+
+// decode() without the table: DECODE[code] * absmax from the code's bits, for
+// loops where a table lookup per element would not vectorize (the CPU kernel).
+// minifloat(code) is exact in fp32 (normal codes: the bits rebiased; subnormal
+// ones: an exact int-to-float times a power of two), and its quotient by maxval,
+// rounded once, is decode_value's fp64-then-fp32 quotient for every code
+// (tests/optim/test_moments8_header.py checks all 256 of both maps).
+AMP_ENGINE_M8_HD inline float decode_bits(uint32_t code, float absmax, bool is_signed) {
+  const int e = is_signed ? kSignedE : kUnsignedE;
+  const int m = is_signed ? kSignedM : kUnsignedM;
+  const int bias = (1 << e) - 1;
+  const uint32_t mag = is_signed ? (code & 0x7Fu) : code;
+  const uint32_t normal = (mag << (23 - m)) + (static_cast<uint32_t>(127 - bias) << 23);
+  const float sub_f = static_cast<float>(static_cast<int32_t>(mag & ((1u << m) - 1u))) *
+                      pow2(1 - bias - m);
+  const uint32_t is_sub = 0u - static_cast<uint32_t>((mag >> m) == 0u);  // a blend, as encode
+  const uint32_t mini = normal ^ ((to_bits(sub_f) ^ normal) & is_sub);
+  // mini / maxval without a division (the CPU's divider is the step's bottleneck):
+  // the product by the reciprocal, corrected once by the exact residual (Markstein;
+  // explicit fmaf, which -ffp-contract=off leaves alone). Correctly rounded for
+  // every code of both maps (the test checks all 256), not for every float.
+  const float x = from_bits(mini), b = maxval(m), y = 1.0f / b;
+  const float q0 = x * y;
+  const float v = fmaf(fmaf(-q0, b, x), y, q0);
+  const uint32_t sign = is_signed ? (code & 0x80u) << 24 : 0u;
+  return from_bits(to_bits(v) | sign) * absmax;
 }
 
 // bf16 moments: nearest-even store (NaN stays a quiet NaN), exact load.

@@ -1,6 +1,7 @@
 """csrc/math/moments8.h matches the Python format (amp_engine.ops.moments8) bit for bit.
 
-A small C++ program includes the header, builds both decode tables and encodes
+A small C++ program includes the header, builds both decode tables (and decodes
+every code without them, as the CPU kernel does) and encodes
 blocks of floats (absmax folded element by element, as a kernel would); its
 output is compared with the reference over all 256 codes and a sweep of floats.
 """
@@ -26,6 +27,8 @@ using namespace amp_engine::m8;
 int main() {
   for (int s = 0; s < 2; ++s)
     for (uint32_t c = 0; c < 256; ++c) std::printf("%08x\n", to_bits(decode_value(c, s == 1)));
+  for (int s = 0; s < 2; ++s)  // the table-free decoder, times absmax 1 (exact)
+    for (uint32_t c = 0; c < 256; ++c) std::printf("%08x\n", to_bits(decode_bits(c, 1.0f, s == 1)));
   long n;
   if (std::scanf("%ld", &n) != 1) return 1;
   std::vector<float> x(n);
@@ -84,7 +87,11 @@ def test_header_matches_reference(tmp_path):
         got = torch.tensor([int(h, 16) for h in out[256 * s:256 * (s + 1)]], dtype=torch.int64)
         assert torch.equal(got, want.view(torch.int32).to(torch.int64) & 0xFFFFFFFF), \
             f"decode table (signed={signed}) differs"
-    rest = out[512:]
+        got = torch.tensor([int(h, 16) for h in out[512 + 256 * s:512 + 256 * (s + 1)]],
+                           dtype=torch.int64)
+        assert torch.equal(got, want.view(torch.int32).to(torch.int64) & 0xFFFFFFFF), \
+            f"decode_bits (signed={signed}) differs from the table"
+    rest = out[1024:]
     pos = 0
     for signed in (False, True):
         absmax = moments8.block_absmax(x)

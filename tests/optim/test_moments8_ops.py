@@ -4,15 +4,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amp_engine.ops import adam_step_compact_, moments8
+from amp_engine.ops import adam_step_compact_, dispatch, moments8
 from amp_engine.ops import available_backends
-from amp_engine.ops.compact_steps import compact_backend
-from conftest import HAS_CUDA
+from conftest import CUDA_ORDER, device_param
 
-BACKENDS = [("reference", "cpu")]
-BACKENDS += [("triton", "cpu")] if "triton" in available_backends("cpu", "adam_step_compact_") else []
-BACKENDS += [("triton", "cuda"), ("reference", "cuda")] if HAS_CUDA else []
-KERNELS = [(b, d) for b, d in BACKENDS if (b, d) != ("reference", "cpu")]
+OP = "adam_step_compact_"
+# Every backend usable on the CPU here ("cpp" when built, "triton" under the
+# interpreter), and every CUDA one, generated always (skipped, with the reason, where
+# it cannot run): a CPU run reports the CUDA coverage it lacks.
+_PAIRS = [(b, "cpu") for b in available_backends("cpu", OP)] + [(b, "cuda") for b in CUDA_ORDER]
+BACKENDS = [device_param(b, d, lambda b, d: dispatch.unavailable_reason(b, d, OP))
+            for b, d in _PAIRS]
+KERNELS = [device_param(b, d, lambda b, d: dispatch.unavailable_reason(b, d, OP))
+           for b, d in _PAIRS if (b, d) != ("reference", "cpu")]
 SIZES = [0, 5, 255, 256, 257, 4095, 4096, 4097, 70_000]
 # (param dtype, fp32 master, stochastic rounding)
 PARAMS = [(torch.float32, False, False), (torch.float16, True, False),
@@ -143,35 +147,38 @@ def test_quantization_error_against_fp64(backend, device):
         assert (got - x).abs().max() > 0  # it did quantize
 
 
-def test_dispatch_maps_cpp_and_cuda_to_python_backends():
+def test_dispatch_picks_the_compiled_kernel_when_built():
     dev = torch.device("cpu")
-    assert compact_backend("cpp", dev) == "reference"
-    assert compact_backend(None, dev) == "reference"
-    assert compact_backend("cuda", dev) == "reference"
-    with pytest.raises(ValueError, match="backend"):
-        compact_backend("fast", dev)
+    built = dispatch.unavailable_reason("cpp", dev, OP) is None
+    assert dispatch.select(None, dev, OP) == ("cpp" if built else "reference")
+    with pytest.raises(RuntimeError, match="cuda"):
+        dispatch.select("cuda", dev, OP)
+    with pytest.raises(RuntimeError, match="fast"):
+        dispatch.select("fast", dev, OP)
 
 
-def test_argument_errors():
+@pytest.mark.parametrize("backend", available_backends("cpu", OP))
+def test_argument_errors(backend):
+    """The Python checks and the C++ ones (csrc/compact_checks.h) say the same."""
     ok = make([300], torch.float32, False, (U8, U8), "cpu")
     bad = clone(ok)
     bad[5] = []
     with pytest.raises(ValueError, match="exp_avg_absmax"):
-        step(bad, "reference")
+        step(bad, backend)
     bad = clone(ok)
     bad[5] = [torch.zeros(1)]
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] is uint8"):
-        step(bad, "reference")
+        step(bad, backend)
     bad = clone(ok)
     bad[3] = [torch.zeros(300, dtype=torch.float16)]
     with pytest.raises(TypeError, match="exp_avgs"):
-        step(bad, "reference")
+        step(bad, backend)
     bad = make([300], torch.float64, False, (torch.float32, torch.float32), "cpu")
     with pytest.raises(TypeError, match="params"):
-        step(bad, "reference")
+        step(bad, backend)
     with pytest.raises(ValueError, match="beta1"):
         adam_step_compact_(*ok, lr=1e-3, beta1=1.5, beta2=0.9, eps=1e-8, weight_decay=0.0,
-                           decoupled=True)
+                           decoupled=True, backend=backend)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -192,3 +199,16 @@ def test_every_code_survives_decode_and_requantize(signed):
     assert torch.equal(absmax2, absmax)
     # +0 and -0 both decode to 0: the signed map's 0x80 comes back as 0x80 (the sign bit)
     assert torch.equal(again[~zero], codes.reshape(-1)[~zero])
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNELS if p.values[0] in ("cpp", "cuda")])
+def test_opcheck_compiled_op(backend, device):
+    """Schema (what it mutates), fake kernel (torch.compile) and registration of the
+    compiled op, on a mix of formats and param dtypes."""
+    a = make([300, 4097], torch.bfloat16, False, (U8, BF), device)
+    b = make([70], torch.float32, False, (torch.float32, U8), device)
+    lists = [x + y for x, y in zip(a, b)]  # no masters; absmax entries where needed
+    args = (*lists, torch.tensor(1e-3, device=device), 1e-3, torch.tensor(0.5, device=device),
+            torch.zeros((), device=device), torch.tensor([1, 2], device=device), 0.9, 0.999, 1e-8,
+            0.01, True, False, True)
+    torch.library.opcheck(torch.ops.amp_engine.adam_step_compact_.default, args)

@@ -5,6 +5,8 @@
 
 MODE "bare": amp_engine.GradScaler (hysteresis 2) + amp_engine.optim.AdamW over a
 bf16 layer (stochastic rounding, no master) and an fp16 layer (fp32 master).
+MODE "bare8": as "bare" with 8-bit block moments (the size under which moments stay
+fp32 lowered to 64, so that both weights get 8-bit codes and absmax).
 MODE "trainer": MixedPrecisionTrainer, fp16 weights with masters (memory_efficient),
 2 micro-batches per step, a StepLR scheduler. Both inject non-finite losses on
 fixed steps, so skips, back-offs and growth happen before and after the checkpoint.
@@ -26,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import amp_engine  # noqa: E402
+from amp_engine.ops import moments8  # noqa: E402
 from amp_engine.optim import AdamW  # noqa: E402
 
 BAD_STEPS = {2, 5, 6, 11, 17, 18, 19, 23}  # non-finite losses (optimizer-step indices)
@@ -56,10 +59,14 @@ def loss_fn(step: int):
 
 def build(mode: str, seed: int):
     torch.manual_seed(seed)
-    if mode == "bare":
+    if mode in ("bare", "bare8"):
         model = Mixed()
+        compact = {}
+        if mode == "bare8":
+            moments8.MIN_QUANTIZED_NUMEL = 64  # this process only
+            compact = dict(exp_avg_dtype=torch.uint8, exp_avg_sq_dtype=torch.uint8)
         opt = AdamW([{"params": model.l1.parameters(), "stochastic_rounding": True},
-                     {"params": model.l2.parameters()}], lr=1e-2, weight_decay=0.01)
+                     {"params": model.l2.parameters()}], lr=1e-2, weight_decay=0.01, **compact)
         scaler = amp_engine.GradScaler("cpu", init_scale=2.0**8, growth_interval=3,
                                        hysteresis=2, floor_patience=0)
         return model, opt, scaler
@@ -94,7 +101,7 @@ def checkpoint(mode: str, model, opt, driver) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["bare", "trainer"])
+    ap.add_argument("mode", choices=["bare", "bare8", "trainer"])
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--save-at", type=int, default=-1)
     ap.add_argument("--ckpt")

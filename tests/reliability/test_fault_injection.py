@@ -12,6 +12,10 @@ MixedPrecisionTrainer:
 * a clean step is applied, its params are finite, and the whole trajectory is
   bitwise that of a reference run (same model, same optimizer) that simply never
   saw the faulty steps, given the scale the rule says.
+
+Compact moments (bf16, 8-bit blocks) run too: the 8-bit runs lower the size under
+which moments stay fp32 (4,096) to 64, so that the MLP's weights get 8-bit codes in
+one ragged block each; a skipped step leaves codes and absmax bitwise unchanged.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 
 import amp_engine
 from amp_engine.trainer.conversion import memory_efficient_options
-from amp_engine.ops import available_backends, optim_backends
+from amp_engine.ops import available_backends, moments8, optim_backends
 from amp_engine.optim import SGD, AdamW
 
 from .faults import (FaultPlan, Injector, ScaleRule, assert_same_bits, batch, mlp, mse,
@@ -45,6 +49,7 @@ class Run:
     backend: str | None = None  # optimizer ops
     scaling_backend: str | None = None  # scaler's ops (AMP_ENGINE_BACKEND)
     seed: int = 0
+    min_quantized: int | None = None  # moments8.MIN_QUANTIZED_NUMEL for the run
 
 
 # scale between 2**-8 and 2**4: both regimes (inv_scale < 1 and > 1) occur
@@ -58,7 +63,16 @@ OPTIMIZERS = {
                               backend=be),
     "torch_sgd": lambda ps, be: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
     "torch_adamw": lambda ps, be: torch.optim.AdamW(ps, lr=1e-2),
+    "adamw8": lambda ps, be: AdamW(ps, lr=1e-2, weight_decay=0.01, exp_avg_dtype=U8,
+                                   exp_avg_sq_dtype=U8, backend=be),
+    "adamw8_sr": lambda ps, be: AdamW(ps, lr=1e-2, stochastic_rounding=True, exp_avg_dtype=U8,
+                                      exp_avg_sq_dtype=U8, backend=be),
+    "adamw_bf16m": lambda ps, be: AdamW(ps, lr=1e-2, weight_decay=0.01,
+                                        exp_avg_dtype=torch.bfloat16,
+                                        exp_avg_sq_dtype=torch.bfloat16, backend=be),
 }
+U8 = torch.uint8
+SMALL_BLOCKS = 64  # 8-bit moments for the MLP's weights (128 and 64 elements)
 
 RUNS = [
     Run("fp32-adamw", torch.float32, "adamw", 150, scaler=NEAR_ONE),
@@ -83,6 +97,20 @@ RUNS = [
     Run("trainer-fp16-200-faults", torch.float16, "adamw", 240, path="trainer",
         scaler=RUN_200, forced=range(10, 210), rate=0.1, seed=11),
 ]
+# compact moments, through the default op backend ("cpp" when built) and the reference
+RUNS += [
+    Run("fp32-adamw-8bit", torch.float32, "adamw8", 100, scaler=NEAR_ONE, seed=14,
+        min_quantized=SMALL_BLOCKS),
+    Run("bf16-sr-adamw-8bit", torch.bfloat16, "adamw8_sr", 80, scaler=NEAR_ONE, seed=15,
+        min_quantized=SMALL_BLOCKS),
+    Run("fp16-master-adamw-bf16-moments-accum2", torch.float16, "adamw_bf16m", 60,
+        accumulate=2, scaler=NEAR_ONE, seed=16),
+    Run("fp16-master-adamw-8bit-reference-ops", torch.float16, "adamw8", 40, scaler=NEAR_ONE,
+        backend="reference", scaling_backend="reference", seed=17, min_quantized=SMALL_BLOCKS),
+]
+if "triton" in available_backends("cpu", "adam_step_compact_"):
+    RUNS.append(Run("bf16-sr-adamw-8bit-triton", torch.bfloat16, "adamw8_sr", 20,
+                    scaler=NEAR_ONE, backend="triton", seed=18, min_quantized=SMALL_BLOCKS))
 # the Triton kernels run interpreted on the CPU: a short run through them
 if "triton" in available_backends("cpu") and "triton" in optim_backends("cpu"):
     RUNS.append(Run("fp16-master-adamw-triton", torch.float16, "adamw", 30, scaler=NEAR_ONE,
@@ -209,6 +237,8 @@ class Harness:
 def test_faults_change_nothing_and_clean_steps_match_the_reference(run, monkeypatch):
     if run.scaling_backend is not None:
         monkeypatch.setenv("AMP_ENGINE_BACKEND", run.scaling_backend)
+    if run.min_quantized is not None:
+        monkeypatch.setattr(moments8, "MIN_QUANTIZED_NUMEL", run.min_quantized)
     h = Harness(run)
     faults, scales = 0, []
     for step in range(run.steps):
@@ -231,6 +261,10 @@ def test_faults_change_nothing_and_clean_steps_match_the_reference(run, monkeypa
         assert_same_bits(snapshot(h.ref_model, h.ref_opt), snapshot(h.model, h.opt),
                          f"clean step {step} vs the reference")
     assert faults >= (len(run.forced) or run.steps // 10)
+    if run.optimizer.startswith("adamw8"):  # the 8-bit format was really exercised
+        state = optimizer_tensors(h.opt)
+        assert any(t.dtype == U8 and t.any() for t in state.values())
+        assert any(k.endswith("absmax") for k in state)
     if run.forced:  # the scale sat at its floor, and the clean steps after it trained
         assert min(scales) == h.rule.lo == amp_engine.ops.DEFAULT_MIN_SCALE
     if run.path == "trainer":

@@ -1,6 +1,6 @@
 """Exact resume: a real training process checkpoints mid-run and is killed with SIGKILL;
 a new process resumes from the checkpoint and ends bitwise where an uninterrupted run
-ends. torch.amp.GradScaler + torch.optim.AdamW checkpoints load and continue.
+ends (8-bit moments too). torch.amp.GradScaler + torch.optim.AdamW checkpoints load and continue.
 Corrupted or mismatched checkpoints raise a clear error and change nothing."""
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def assert_bitwise_equal(a, b, path="ckpt"):
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
-@pytest.mark.parametrize("mode", ["bare", "trainer"])
+@pytest.mark.parametrize("mode", ["bare", "bare8", "trainer"])
 def test_sigkill_and_resume_is_bitwise_exact(mode, tmp_path):
     steps, save_at = 26, 12
     ckpt, full_out, resumed_out = tmp_path / "ckpt.pt", tmp_path / "full.pt", tmp_path / "resumed.pt"
@@ -93,6 +93,10 @@ def test_sigkill_and_resume_is_bitwise_exact(mode, tmp_path):
     assert {s: scales_a[s] for s in scales_b} == scales_b  # the same scale, step by step
     assert len(set(scales_a.values())) > 2  # the scale moved: backed off and grew
     assert_bitwise_equal(a, b)
+    if mode == "bare8":  # the checkpoints held 8-bit codes and their absmax
+        weights = [st for st in a["optimizer"]["state"].values() if st["exp_avg"].dim() == 2]
+        assert len(weights) == 2 and all(
+            st["exp_avg"].dtype == torch.uint8 and "exp_avg_sq_absmax" in st for st in weights)
 
 
 def _torch_run(model, opt, scaler, steps, first, bad=frozenset({3, 4, 9, 13})):
