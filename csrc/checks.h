@@ -146,4 +146,62 @@ inline void check_update_scale_args(const Tensor& scale, const Tensor& growth_tr
                   min_scale, ")");
 }
 
+// update_scale_'s optional bookkeeping outputs (reference.after_update_):
+// inv_scale / next_found_inf fp32 one-element; counters int64 [3]; counts int64
+// [n] and ring int64 [rows >= 1, 1 + n], contiguous, given together and only
+// with counters (the ring's write position is counters[1]).
+inline void check_update_bookkeeping_args(const OptTensor& inv_scale,
+                                          const OptTensor& next_found_inf,
+                                          const OptTensor& counters, const OptTensor& counts,
+                                          const OptTensor& ring, const Device& dev) {
+  auto given = [](const OptTensor& t) { return t.has_value() && t->defined(); };
+  if (given(inv_scale)) check_scalar_tensor(*inv_scale, "inv_scale", ScalarType::Float, dev);
+  if (given(next_found_inf)) {
+    check_scalar_tensor(*next_found_inf, "next_found_inf", ScalarType::Float, dev);
+  }
+  if (!given(counters)) {
+    AMP_CHECK_VALUE(!given(counts) && !given(ring),
+                    "counts / ring given without counters; the ring's write position is "
+                    "counters[1]");
+    return;
+  }
+  const Tensor& c = *counters;
+  AMP_CHECK_VALUE(c.scalar_type() == ScalarType::Long && c.dim() == 1 && c.size(0) == 3 &&
+                      c.is_contiguous(),
+                  "counters must be a contiguous int64 tensor of shape [3] (updates, overflow "
+                  "updates, last update above the floor); got ",
+                  amp_engine::name(c.scalar_type()), " ", shape(c));
+  AMP_CHECK_VALUE(same_device(c.device(), dev), "counters is on ", amp_engine::name(c.device()),
+                  " but scale is on ", amp_engine::name(dev));
+  AMP_CHECK_VALUE(given(counts) == given(ring),
+                  "counts and ring go together: the ring keeps snapshots of counts");
+  if (!given(ring)) return;
+  const Tensor& n = *counts;
+  const Tensor& r = *ring;
+  AMP_CHECK_VALUE(n.scalar_type() == ScalarType::Long && n.dim() == 1 && n.is_contiguous() &&
+                      same_device(n.device(), dev),
+                  "counts must be a contiguous 1-D int64 tensor on ", amp_engine::name(dev));
+  AMP_CHECK_VALUE(r.scalar_type() == ScalarType::Long && r.dim() == 2 && r.size(0) >= 1 &&
+                      r.size(1) == n.size(0) + 1 && r.is_contiguous() &&
+                      same_device(r.device(), dev),
+                  "ring must be a contiguous int64 tensor [rows >= 1, ", n.size(0) + 1,
+                  "] (the update index, then counts) on ", amp_engine::name(dev), "; got ",
+                  amp_engine::name(r.scalar_type()), " ", shape(r));
+}
+
+// grad_norm_and_check's clip outputs: written only when max_norm is given.
+inline void check_clip_args(const std::optional<double>& max_norm, const OptTensor& clip_coef,
+                            const OptTensor& step_scale, const Device& dev) {
+  auto given = [](const OptTensor& t) { return t.has_value() && t->defined(); };
+  if (!max_norm.has_value()) {
+    AMP_CHECK_VALUE(!given(clip_coef) && !given(step_scale),
+                    "clip_coef / step_scale given without max_norm; pass max_norm (the clip "
+                    "threshold) to have them written");
+    return;
+  }
+  AMP_CHECK_VALUE(*max_norm >= 0.0, "max_norm must be >= 0, got ", *max_norm);
+  if (given(clip_coef)) check_scalar_tensor(*clip_coef, "clip_coef", ScalarType::Float, dev);
+  if (given(step_scale)) check_scalar_tensor(*step_scale, "step_scale", ScalarType::Float, dev);
+}
+
 }  // namespace amp_engine

@@ -35,15 +35,26 @@ STABLE_TORCH_LIBRARY(amp_engine, m) {
       "unscale_and_check_(Tensor(a!)[] grads, Tensor inv_scale, Tensor(b!) found_inf, "
       "Tensor(c!)? counts) -> ()");
   // Read-only: (L2 norm of the unscaled grads as fp32 0-dim, per-tensor norms
-  // fp32 [n] when per_tensor else [0]); found_inf and counts as above.
+  // fp32 [n] when per_tensor else [0]); found_inf and counts as above. With
+  // max_norm the clip is computed where the norm is (no op of its own):
+  // clip_coef = torch's clamp(max_norm / (total + 1e-6), max=1) and step_scale =
+  // inv_scale * clip_coef (what a fused step multiplies the scaled grads by).
   m.def(
       "grad_norm_and_check(Tensor[] grads, Tensor inv_scale, Tensor(a!) found_inf, "
-      "Tensor(b!)? counts, bool per_tensor) -> (Tensor, Tensor)");
-  // torch._amp_update_scale_ plus hysteresis and [min_scale, max_scale] bounds.
+      "Tensor(b!)? counts, bool per_tensor, float? max_norm=None, Tensor(c!)? clip_coef=None, "
+      "Tensor(d!)? step_scale=None) -> (Tensor, Tensor)");
+  // torch._amp_update_scale_ plus hysteresis and [min_scale, max_scale] bounds,
+  // and the step's bookkeeping in the same launch (each output optional;
+  // amp_engine/ops/reference/scaling.py after_update_): inv_scale = fp32(1 /
+  // fp64(new scale)); next_found_inf = 0 (the flag the next step sets);
+  // counters int64 [3] = (updates, overflow updates, last update above
+  // min_scale); ring row counters[1] % rows = [update index, counts...].
   m.def(
       "update_scale_(Tensor(a!) scale, Tensor(b!) growth_tracker, Tensor(c!) hysteresis_tracker, "
       "Tensor found_inf, float growth_factor, float backoff_factor, int growth_interval, "
-      "int hysteresis, float min_scale, float max_scale) -> ()");
+      "int hysteresis, float min_scale, float max_scale, Tensor(d!)? inv_scale=None, "
+      "Tensor(e!)? next_found_inf=None, Tensor(f!)? counters=None, Tensor? counts=None, "
+      "Tensor(g!)? ring=None) -> ()");
 
   // ---- fused optimizer steps ------------------------------------------------------
   // One call updates a whole list of params on one device (one launch per dtype

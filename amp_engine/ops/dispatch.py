@@ -154,15 +154,20 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("amp_engine::grad_norm_and_check")
-    def _(grads, inv_scale, found_inf, counts, per_tensor):
-        validation.check_check_args(grads, inv_scale, found_inf, counts)
+    def _(grads, inv_scale, found_inf, counts, per_tensor, max_norm=None, clip_coef=None,
+          step_scale=None):
+        device = validation.check_check_args(grads, inv_scale, found_inf, counts)
+        validation.check_clip_args(max_norm, clip_coef, step_scale, device)
         total = found_inf.new_empty((), dtype=torch.float32)
         per = found_inf.new_empty((len(grads) if per_tensor else 0,), dtype=torch.float32)
         return total, per
 
     @torch.library.register_fake("amp_engine::update_scale_")
     def _(scale, growth_tracker, hysteresis_tracker, found_inf, growth_factor, backoff_factor,
-          growth_interval, hysteresis, min_scale, max_scale):
+          growth_interval, hysteresis, min_scale, max_scale, inv_scale=None, next_found_inf=None,
+          counters=None, counts=None, ring=None):
+        validation.check_bookkeeping_args(inv_scale, next_found_inf, counters, counts, ring,
+                                          scale.device)
         return None
 
 

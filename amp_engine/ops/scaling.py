@@ -6,14 +6,36 @@ call per op however many tensors the list holds.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from amp_engine import _extension
 from amp_engine.ops import dispatch, validation
+from amp_engine.ops.reference import scaling as _reference
 from amp_engine.ops.reference.scaling import DEFAULT_MAX_SCALE, DEFAULT_MIN_SCALE
 
+
+@functools.lru_cache(maxsize=None)
+def compiled_takes(op: str, arg: str) -> bool:
+    """Whether the compiled ``amp_engine::<op>`` schema has argument ``arg``.
+
+    A library built before the op-budget contract (clip outputs in
+    grad_norm_and_check, bookkeeping in update_scale_) lacks them: the entries
+    then do that part with the reference's tensor ops after the compiled op
+    (same results, a few more ops per step).
+    """
+    if not _extension.LOADED or not hasattr(torch.ops.amp_engine, op):
+        return False
+    return any(a.name == arg for a in getattr(torch.ops.amp_engine, op).default._schema.arguments)
+
+
+# read once at import: the entries below are traced by torch.compile, which
+# cannot look into the schema object (a pybind one)
+_CLIP_IN_KERNEL = compiled_takes("grad_norm_and_check", "max_norm")
+_BOOKKEEPING_IN_KERNEL = compiled_takes("update_scale_", "counters")
 
 
 def _device_of(grads: Sequence[Tensor], fallback: Tensor) -> torch.device:
@@ -72,6 +94,9 @@ def grad_norm_and_check(
     counts: Tensor | None = None,
     *,
     per_tensor: bool = False,
+    max_norm: float | None = None,
+    clip_coef: Tensor | None = None,
+    step_scale: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """L2 norm of the unscaled grads (``g * inv_scale``), read-only, with the inf check.
@@ -85,13 +110,22 @@ def grad_norm_and_check(
     grads = list(grads)
     device = _device_of(grads, found_inf)
     name = dispatch.select(backend, device, "grad_norm_and_check")
+    if max_norm is not None and not isinstance(max_norm, bool) and isinstance(max_norm, int):
+        max_norm = float(max_norm)
     if name in ("cpp", "cuda"):
-        total, per = _compiled(torch.ops.amp_engine.grad_norm_and_check, grads, inv_scale,
-                               found_inf, counts, bool(per_tensor))
+        op = torch.ops.amp_engine.grad_norm_and_check
+        if _CLIP_IN_KERNEL:
+            total, per = _compiled(op, grads, inv_scale, found_inf, counts, bool(per_tensor),
+                                   max_norm, clip_coef, step_scale)
+        else:
+            validation.check_clip_args(max_norm, clip_coef, step_scale, device)
+            total, per = _compiled(op, grads, inv_scale, found_inf, counts, bool(per_tensor))
+            _reference.clip_outputs_(total, inv_scale, max_norm, clip_coef, step_scale)
     else:
         validation.check_check_args(grads, inv_scale, found_inf, counts)
+        validation.check_clip_args(max_norm, clip_coef, step_scale, device)
         total, per = dispatch.python_backend(name, "grad_norm_and_check").grad_norm_and_check(
-            grads, inv_scale, found_inf, counts, bool(per_tensor)
+            grads, inv_scale, found_inf, counts, bool(per_tensor), max_norm, clip_coef, step_scale
         )
     return (total, per) if per_tensor else total
 
@@ -108,6 +142,11 @@ def update_scale_(
     hysteresis: int = 1,
     min_scale: float = DEFAULT_MIN_SCALE,
     max_scale: float = DEFAULT_MAX_SCALE,
+    inv_scale: Tensor | None = None,
+    next_found_inf: Tensor | None = None,
+    counters: Tensor | None = None,
+    counts: Tensor | None = None,
+    ring: Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """Update the loss scale on its device (one thread, no host sync).
@@ -120,6 +159,12 @@ def update_scale_(
     any clean step refills the tracker, so isolated spikes never cut the scale
     while persistent overflow still does. Back-off never goes below
     ``min_scale``; growth never above ``max_scale`` nor to inf.
+
+    The same launch does the step's bookkeeping (each optional, see
+    ``reference.after_update_``): ``inv_scale`` gets the next step's unscale
+    multiplier, ``next_found_inf`` is zeroed, ``counters`` (int64 [3]) count
+    updates, overflow updates and the last update above the floor, and ``ring``
+    keeps a snapshot of ``counts`` per overflow (overflow attribution).
     """
     name = dispatch.select(backend, scale.device if isinstance(scale, Tensor) else torch.device("cpu"),
                            "update_scale_")
@@ -127,8 +172,14 @@ def update_scale_(
         scale, growth_tracker, hysteresis_tracker, found_inf, float(growth_factor),
         float(backoff_factor), growth_interval, hysteresis, float(min_scale), float(max_scale),
     )
+    extra = (inv_scale, next_found_inf, counters, counts, ring)
     if name in ("cpp", "cuda"):
+        if _BOOKKEEPING_IN_KERNEL:
+            torch.ops.amp_engine.update_scale_(*args, *extra)
+            return
+        validation.check_bookkeeping_args(*extra, scale.device)
         torch.ops.amp_engine.update_scale_(*args)
+        _reference.after_update_(scale, found_inf, float(min_scale), *extra)
         return
-    validation.check_update_scale_args(*args)
-    dispatch.python_backend(name, "update_scale_").update_scale_(*args)
+    validation.check_update_scale_args(*args, *extra)
+    dispatch.python_backend(name, "update_scale_").update_scale_(*args, *extra)

@@ -80,9 +80,61 @@ def check_check_args(grads, inv_scale, found_inf, counts) -> torch.device:
     return device
 
 
+def check_clip_args(max_norm, clip_coef, step_scale, device: torch.device) -> None:
+    """grad_norm_and_check's clip outputs: written only when max_norm is given."""
+    if max_norm is None:
+        if clip_coef is not None or step_scale is not None:
+            raise ValueError("clip_coef / step_scale given without max_norm; pass max_norm "
+                             "(the clip threshold) to have them written")
+        return
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        raise TypeError(f"max_norm must be a float, got {type(max_norm).__name__}")
+    if not max_norm >= 0.0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+    for name, t in (("clip_coef", clip_coef), ("step_scale", step_scale)):
+        if t is not None:
+            check_scalar_tensor(t, name, torch.float32, device)
+
+
+def check_bookkeeping_args(inv_scale, next_found_inf, counters, counts, ring, device) -> None:
+    """update_scale_'s optional outputs (see reference.after_update_)."""
+    if inv_scale is not None:
+        check_scalar_tensor(inv_scale, "inv_scale", torch.float32, device)
+    if next_found_inf is not None:
+        check_scalar_tensor(next_found_inf, "next_found_inf", torch.float32, device)
+    if counters is None:
+        if counts is not None or ring is not None:
+            raise ValueError("counts / ring given without counters; the ring's write position "
+                             "is counters[1]")
+        return
+    if not isinstance(counters, Tensor) or counters.dtype != torch.int64 \
+            or tuple(counters.shape) != (3,) or not counters.is_contiguous():
+        got = (f"{counters.dtype} {tuple(counters.shape)}" if isinstance(counters, Tensor)
+               else type(counters).__name__)
+        raise ValueError(f"counters must be a contiguous int64 tensor of shape [3] (updates, "
+                         f"overflow updates, last update above the floor); got {got}")
+    if counters.device != device:
+        raise ValueError(f"counters is on {counters.device} but scale is on {device}")
+    if (counts is None) != (ring is None):
+        raise ValueError("counts and ring go together: the ring keeps snapshots of counts")
+    if ring is None:
+        return
+    if not isinstance(counts, Tensor) or counts.dtype != torch.int64 or counts.dim() != 1 \
+            or not counts.is_contiguous() or counts.device != device:
+        raise ValueError(f"counts must be a contiguous 1-D int64 tensor on {device}")
+    n = counts.shape[0]
+    if not isinstance(ring, Tensor) or ring.dtype != torch.int64 or ring.dim() != 2 \
+            or ring.shape[0] < 1 or ring.shape[1] != n + 1 or not ring.is_contiguous() \
+            or ring.device != device:
+        got = f"{ring.dtype} {tuple(ring.shape)}" if isinstance(ring, Tensor) else type(ring).__name__
+        raise ValueError(f"ring must be a contiguous int64 tensor [rows >= 1, {n + 1}] "
+                         f"(the update index, then counts) on {device}; got {got}")
+
+
 def check_update_scale_args(
     scale, growth_tracker, hysteresis_tracker, found_inf, growth_factor, backoff_factor,
-    growth_interval, hysteresis, min_scale, max_scale,
+    growth_interval, hysteresis, min_scale, max_scale, inv_scale=None, next_found_inf=None,
+    counters=None, counts=None, ring=None,
 ) -> None:
     if not isinstance(scale, Tensor):
         raise TypeError(f"scale must be a one-element float32 tensor, got {type(scale).__name__}")
@@ -103,3 +155,4 @@ def check_update_scale_args(
         raise ValueError(f"min_scale must be > 0, got {min_scale}")
     if not max_scale >= min_scale:
         raise ValueError(f"max_scale ({max_scale}) must be >= min_scale ({min_scale})")
+    check_bookkeeping_args(inv_scale, next_found_inf, counters, counts, ring, dev)

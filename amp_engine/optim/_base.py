@@ -16,7 +16,11 @@ and ``found_inf`` exactly so, hence works with these optimizers as is.
 amp_engine's GradScaler passes the same three values as ``step(amp_inputs=(grad_scale,
 found_inf, clip_coef))`` instead: no attribute is set on the optimizer, so the step
 traces under torch.compile on every supported torch (Dynamo 2.11 refuses a setattr
-on a user-defined object inside a compiled region; 2.14 accepts it).
+on a user-defined object inside a compiled region; 2.14 accepts it). To an
+optimizer that declares ``_amp_engine_step_scale = True`` (ours) it passes a fourth,
+``step_scale``: ``clip_coef / grad_scale`` already on the device (the clip kernel's
+output, or the inv_scale update_scale_ wrote), which the kernels then take as
+their ``inv_scale`` as it is: no reciprocal or product per step.
 """
 from __future__ import annotations
 
@@ -75,25 +79,32 @@ class _AmpInputs:
     def __init__(self, optimizer: Optimizer, given: tuple | None) -> None:
         if given is None:  # torch's protocol: attributes set by the scaler
             given = tuple(getattr(optimizer, name, None) for name in ("grad_scale", "found_inf", "clip_coef"))
-        elif not isinstance(given, tuple) or len(given) != 3:
-            raise TypeError("amp_inputs must be a tuple (grad_scale, found_inf, clip_coef), got "
+        elif not isinstance(given, tuple) or len(given) not in (3, 4):
+            raise TypeError("amp_inputs must be a tuple (grad_scale, found_inf, clip_coef[, "
+                            "step_scale]), got "
                             f"{type(given).__name__}{'' if not isinstance(given, tuple) else f' of {len(given)}'}")
-        self.grad_scale, self.found_inf, self.clip_coef = given
+        self.grad_scale, self.found_inf, self.clip_coef = given[:3]
+        self.step_scale = given[3] if len(given) == 4 else None
         self._per_device: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
 
     def for_device(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """(inv_scale, found_inf) on `device`: fp32 one-element tensors or None."""
         if device not in self._per_device:
-            for name in ("grad_scale", "found_inf", "clip_coef"):
+            for name in ("grad_scale", "found_inf", "clip_coef", "step_scale"):
                 value = getattr(self, name)
                 if isinstance(value, Tensor) and value.numel() != 1:
                     raise ValueError(f"optimizer.{name} has shape {tuple(value.shape)}; expected a "
                                      "one-element (0-dim) tensor or a float")
             inv = None
-            if self.grad_scale is not None:
+            ready = self.step_scale
+            have_ready = (isinstance(ready, Tensor) and ready.device == device
+                          and ready.dtype == torch.float32)
+            if have_ready:  # no op: a 0-dim tensor is used as it is
+                inv = ready if ready.dim() == 0 else ready.reshape(())
+            elif self.grad_scale is not None:
                 gs = torch.as_tensor(self.grad_scale).to(device, non_blocking=True)
                 inv = gs.reshape(()).double().reciprocal().float()  # as torch's unscale_
-            if self.clip_coef is not None:
+            if self.clip_coef is not None and not have_ready:
                 cc = torch.as_tensor(self.clip_coef).to(device, torch.float32, non_blocking=True)
                 inv = cc.reshape(()) if inv is None else inv * cc.reshape(())
             fi = None
@@ -113,6 +124,7 @@ class FusedOptimizer(Optimizer):
 
     _step_supports_amp_scaling = True
     _amp_engine_fused = True
+    _amp_engine_step_scale = True  # takes amp_inputs[3], the ready multiplier
     _ELEMENT_STATE: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, master_weights: bool | None,

@@ -60,7 +60,15 @@ class ClipMixin:
         sharded = entry.mesh is not None
         if float(norm_type) != 2.0 or (sharded and entry.sharding is None):
             return self._clip_fallback(optimizer, state, max_norm, norm_type, error_if_nonfinite)
+        self._refuse_fp16(entry, sharded)  # torch's recipe unscales them in place
         inv_scale = self._inv_scale()
+        dev = self._scale.device
+        # one device, one rank, a plain max_norm: the kernel computes the coefficient
+        # and the step's multiplier where it takes the norm (no op of their own)
+        in_kernel = (not sharded and len(entry.groups) == 1 and entry.groups[0].device == dev
+                     and isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool)
+                     and max_norm >= 0)
+        bufs = None
         found, norms = {}, []
         inv_on = {inv_scale.device: inv_scale}
         for grp in entry.groups:
@@ -70,17 +78,22 @@ class ClipMixin:
             inv = inv_on.get(grp.device)
             if inv is None:
                 inv = inv_on[grp.device] = inv_scale.to(grp.device, non_blocking=True)
-            fi = found[grp.device] = torch.zeros((), dtype=torch.float32, device=grp.device)
+            fi = found[grp.device] = self._flag(entry, state, grp.device)
             counts, index = grp.counts(self._stats, len(grads), cols)
+            clip_args = {}
+            if in_kernel:
+                bufs = state["buffers"]
+                clip_args = dict(max_norm=float(max_norm), clip_coef=bufs.clip_coef,
+                                 step_scale=bufs.step_scale)
             try:
-                norms.append(ops.grad_norm_and_check(grads, inv, fi, counts))
+                norms.append(ops.grad_norm_and_check(grads, inv, fi, counts, **clip_args))
             except (ValueError, TypeError) as error:
                 if grp.grads_slow(sharded)[2]:  # sparse grads: torch's recipe handles them
                     return self._clip_fallback(optimizer, state, max_norm, norm_type,
                                                error_if_nonfinite)
-                raise self._grad_error(error, grp.cols if cols is None else cols) from None
+                raise self._stats.name_grad_error(error, grp.cols if cols is None else cols,
+                                                  self._names()) from None
             grp.flush(self._stats, counts, index)
-        dev = self._scale.device
         if not norms:
             total = torch.zeros((), dtype=torch.float32, device=dev)
         elif len(norms) == 1:
@@ -99,9 +112,11 @@ class ClipMixin:
                 f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
                 "non-finite, so it cannot be clipped. To disable this error and scale the "
                 "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
-        # exactly torch.nn.utils.clip_grads_with_norm_'s coefficient, kept on the device
-        clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        state["clip_coef"] = clip_coef
+        if bufs is not None:
+            state["clip_coef"], state["step_scale"] = bufs.clip_coef, bufs.step_scale
+        else:
+            # exactly torch.nn.utils.clip_grads_with_norm_'s coefficient, kept on the device
+            state["clip_coef"] = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         state["grads_scaled"] = True
         state["stage"] = OptState.UNSCALED
         return total

@@ -27,7 +27,7 @@ scale never goes below ``min_scale``. What changes:
   warning (or, with ``raise_at_floor=True``, a RuntimeError) tells when the scale
   has sat at the floor for ``floor_patience`` updates.
 * **Checks after unscaling too** (a tiny scale can turn finite grads into inf),
-  fp16 and bf16 grads on every device, optional hysteresis (apex's meaning:
+  bf16 grads on every device, optional hysteresis (apex's meaning:
   back off on the ``hysteresis``-th consecutive overflow; a clean step refills).
 * **Overflow statistics**: on-device counters of steps, skipped steps and
   non-finite grad elements per parameter; :meth:`GradScaler.overflow_report`
@@ -50,16 +50,15 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from amp_engine import ops
-from amp_engine.distributed import all_reduce_step_
+from amp_engine.scaler.check import CheckMixin
 from amp_engine.scaler.clip import ClipMixin
-from amp_engine.scaler.grads import OptimizerGrads
 from amp_engine.scaler.state import StateMixin, check_config, refresh_per_optimizer_state
 from amp_engine.scaler.stats import AmpStats
 
 __all__ = ["GradScaler", "OptState"]
 
 
-class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
+class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
     """Drop-in ``torch.amp.GradScaler`` (same positional arguments, same behaviour).
 
     Args (beyond torch's ``device, init_scale, growth_factor, backoff_factor,
@@ -78,7 +77,22 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         overflow_history: overflow steps remembered for :meth:`overflow_report`.
 
     All arguments are validated (ValueError naming the argument), also when
-    ``enabled=False``. ``GradScaler()`` without CUDA warns and disables itself, as torch's.
+    ``enabled=False``, and kept as given (an int ``growth_factor`` stays an int in
+    the getters and the state_dict, as torch's). ``GradScaler()`` without CUDA
+    warns and disables itself, as torch's.
+
+    fp16 grads: where they would be unscaled in place (:meth:`unscale_`, the step
+    of a plain optimizer, :meth:`clip_grad_norm_`) they raise torch's
+    ``ValueError("Attempting to unscale FP16 gradients.")`` unless the optimizer
+    keeps an fp32 master of every fp16 param (amp_engine's optimizers, by
+    default): without one the optimizer would step the fp16 weights directly.
+    A fused optimizer's step without unscale_ checks them read-only, as torch's.
+
+    Ops per step (DESIGN.md §5, tests/scaler/test_op_budget.py): with one device
+    and amp_engine's optimizer, clip + step + update dispatch three ops
+    (grad_norm_and_check, the optimizer's step, update_scale_): the clip
+    coefficient, the next inv_scale, the found_inf reset and the overflow
+    statistics ride in those launches, and the flags live on the device once.
     """
 
     def __init__(self, device: str = "cuda", init_scale: float = 2.0**16,
@@ -92,8 +106,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         if isinstance(floor_patience, bool) or not isinstance(floor_patience, numbers.Integral) \
                 or floor_patience < 0:
             raise ValueError(f"floor_patience must be an int >= 0, got {floor_patience!r}")
-        super().__init__(device, float(init_scale), float(growth_factor), float(backoff_factor),
-                         int(growth_interval), enabled)
+        # kept as given, as torch does (GradScaler(growth_factor=3).get_growth_factor() is 3)
+        super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval,
+                         enabled)
         self._hysteresis = int(hysteresis)
         self._min_scale, self._max_scale = float(min_scale), float(max_scale)
         self._init_hysteresis_tracker = self._hysteresis
@@ -110,7 +125,8 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         # host-side caches that neither pickle nor checkpoint
         self._grad_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._n_optimizers_seen = 0
-        self._inv_cache: tuple | None = None
+        self._inv_cache: tuple | None = None  # (scale, fp32 inv_scale of it)
+        self._parity = 0  # which of each optimizer's two found_inf flags this step sets
         self._param_names: dict[int, tuple[weakref.ref, str]] = {}
         self._last_step_found_inf: Tensor | bool | None = None
         self._counts_base: Tensor | None = None  # overflow counts after the last all-reduce
@@ -152,74 +168,6 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         self._stats.lazy_init(scale.device)
         return self._hysteresis_tracker
 
-    def _inv_scale(self) -> Tensor:
-        """fp32 inv_scale on the scale's device (fp64 reciprocal, as torch), cached per update."""
-        scale = self._scale
-        cache = self._inv_cache
-        if cache is None or cache[0] is not scale or cache[1] != scale._version:
-            inv = scale.double().reciprocal().float()
-            self._inv_cache = cache = (scale, scale._version, inv)
-        return cache[2]
-
-    def _grads_of(self, optimizer) -> OptimizerGrads:
-        entry = self._grad_cache.get(optimizer)
-        if entry is None or not entry.matches(optimizer):
-            self._stats.lazy_init(self._scale.device)
-            entry = OptimizerGrads(optimizer, self._stats, self._n_optimizers_seen)
-            self._n_optimizers_seen += 1
-            self._grad_cache[optimizer] = entry
-        return entry
-
-    # ------------------------------------------------------- check / unscale
-    def _run_check(self, optimizer, state, inv_scale: Tensor, unscale: bool, *,
-                   found: dict | None = None, count: bool = True) -> dict:
-        """One check (read-only) or unscale pass per device; returns found_inf per device."""
-        entry = self._grads_of(optimizer)
-        state["mesh"], state["sharding"] = entry.mesh, entry.sharding
-        state["found_inf"] = None  # new flags: the combined one is recomputed
-        stats = self._stats if count else None
-        found = {} if found is None else found
-        inv_on = {inv_scale.device: inv_scale}
-        for grp in entry.groups:
-            grads, cols = grp.grads(entry.mesh is not None)
-            if not grads:
-                continue
-            inv = inv_on.get(grp.device)
-            if inv is None:
-                inv = inv_on[grp.device] = inv_scale.to(grp.device, non_blocking=True)
-            fi = found.get(grp.device)
-            if fi is None:
-                fi = found[grp.device] = torch.zeros((), dtype=torch.float32, device=grp.device)
-            op = ops.unscale_and_check_ if unscale else ops.grad_norm_and_check
-            counts, index = grp.counts(stats, len(grads), cols)
-            try:
-                op(grads, inv, fi, counts)
-            except (ValueError, TypeError):
-                # sparse grads (the op takes dense ones): handle them as torch does and
-                # retry; any other bad input raises again from the same op
-                grads, cols, _ = grp.grads_slow(entry.mesh is not None)
-                counts, index = grp.counts(stats, len(grads), cols)
-                try:
-                    op(grads, inv, fi, counts)
-                except (ValueError, TypeError) as error:
-                    raise self._stats.name_grad_error(error, cols, self._names()) from None
-            grp.flush(self._stats, counts, index)
-        return found
-
-    def _check_inf_per_device(self, optimizer) -> dict:
-        """Read-only check of the still-scaled grads (torch runs a ×1.0 unscale pass here).
-
-        The check uses the real inv_scale, not torch's 1.0: the fused optimizer
-        multiplies by inv_scale when it reads the grads, and with a scale below 1
-        a finite grad can overflow there (torch's fused path then writes inf/NaN
-        into the params). For a scale >= 1 the decision is exactly torch's.
-        """
-        self._check_scale_growth_tracker("_check_inf_per_device")
-        state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = self._run_check(optimizer, state, self._inv_scale(), False)
-        state["grads_scaled"] = True
-        return state["found_inf_per_device"]
-
     def _check_unscale_stage(self, optimizer, what: str) -> dict:
         self._check_scale_growth_tracker(what)
         state = self._per_optimizer_states[id(optimizer)]
@@ -235,8 +183,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         """Unscale ``optimizer``'s grads in place and check them (one op call per device).
 
         Raises RuntimeError if called twice before :meth:`update` (clip_grad_norm_
-        counts as a call) or after :meth:`step`, as torch. fp16 grads are
-        accepted. No host sync.
+        counts as a call) or after :meth:`step`, as torch. fp16 grads raise
+        ValueError("Attempting to unscale FP16 gradients."), as torch's, unless the
+        optimizer keeps fp32 masters of those params (amp_engine's optimizers). No host sync.
         """
         if not self._enabled:
             return
@@ -244,43 +193,6 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         state["found_inf_per_device"] = self._run_check(optimizer, state, self._inv_scale(), True)
         state["grads_scaled"] = False
         state["stage"] = OptState.UNSCALED
-
-    def _found_inf(self, state, norm_sq: Tensor | None = None) -> Tensor:
-        """The optimizer's found_inf: MAX over devices and ranks, 0-dim fp32 on the scale's device.
-
-        ``norm_sq`` (clip_grad_norm_ on FSDP2 shards) is summed over the shards in place,
-        in the same collective.
-        """
-        fi = state["found_inf"]
-        if fi is not None:
-            return fi
-        per = state["found_inf_per_device"]
-        dev = self._scale.device
-        if not per:
-            fi = torch.zeros((), dtype=torch.float32, device=dev)
-        elif len(per) == 1:
-            fi = next(iter(per.values())).to(dev, non_blocking=True)
-        else:  # max, never sum: fused kernels skip only on found_inf == 1
-            fi = torch.stack([t.to(dev, non_blocking=True) for t in per.values()]).amax()
-        if self._process_group is not None or state["mesh"] is not None:
-            self._all_reduce_step(fi, state, norm_sq)
-        if any(t is not fi for t in per.values()):
-            state["found_inf_per_device"] = {d: fi.to(d, non_blocking=True) for d in per}
-        state["found_inf"] = fi
-        return fi
-
-    def _all_reduce_step(self, found_inf: Tensor, state, norm_sq: Tensor | None) -> None:
-        # the per-parameter overflow counts ride along: the ranks' reports then
-        # agree and name a parameter whichever rank holds its overflowing shard
-        counts = base = None
-        stats = self._stats
-        if stats.track_overflow and stats.device is not None and stats.counts.numel():
-            counts, base = stats.counts, self._counts_base
-            if base is None or base.device != counts.device or len(base) != len(counts):
-                old = base if base is not None and base.device == counts.device else counts[:0]
-                base = self._counts_base = torch.cat([old, counts.new_zeros(len(counts) - len(old))])
-        all_reduce_step_(found_inf, self._process_group, state["mesh"], sharding=state["sharding"],
-                         norm_sq=norm_sq, counts=counts, counts_base=base)
 
     # ------------------------------------------------------------------ step
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
@@ -312,7 +224,9 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         if state["stage"] is OptState.READY:
             self.unscale_(optimizer)
         elif state["grads_scaled"]:  # after clip_grad_norm_: unscale and clip in one pass
-            inv = self._inv_scale() * state["clip_coef"]
+            inv = state["step_scale"]
+            if inv is None:
+                inv = self._inv_scale() * state["clip_coef"]
             self._run_check(optimizer, state, inv, True, found=state["found_inf_per_device"],
                             count=False)
             state["grads_scaled"] = False
@@ -339,7 +253,10 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
             user = getattr(optimizer, "grad_scale", None)  # torch multiplies a preset one in
             grad_scale = scale if user is None else scale * user
         if ours:  # handed over as an argument: a setattr would break torch.compile on torch 2.11
-            retval = optimizer.step(*args, amp_inputs=(grad_scale, found_inf, clip_coef), **kwargs)
+            amp_inputs = (grad_scale, found_inf, clip_coef)
+            if getattr(optimizer, "_amp_engine_step_scale", False):
+                amp_inputs += (self._step_scale(state, grad_scale),)
+            retval = optimizer.step(*args, amp_inputs=amp_inputs, **kwargs)
         else:  # torch's fused-optimizer contract: attributes, deleted after the step
             optimizer.grad_scale = grad_scale
             optimizer.found_inf = found_inf
@@ -351,6 +268,16 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         state["stage"] = OptState.STEPPED
         self._last_step_found_inf = found_inf
         return retval
+
+    def _step_scale(self, state, grad_scale) -> Tensor | None:
+        """``clip_coef / grad_scale`` ready on the device, for our optimizers (no
+        reciprocal of their own): the clip kernel's output, or update_scale_'s
+        inv_scale without clipping. None where the grads carry no plain scale."""
+        if not state["grads_scaled"] or grad_scale is not self._scale:
+            return None
+        if state["step_scale"] is not None:
+            return state["step_scale"]
+        return self._inv_scale() if state["clip_coef"] is None else None
 
     # ---------------------------------------------------------------- update
     def update(self, new_scale: float | int | Tensor | None = None) -> None:
@@ -372,19 +299,38 @@ class GradScaler(ClipMixin, StateMixin, torch.amp.GradScaler):
         found_inf = None
         if found:
             found_inf = found[0] if len(found) == 1 else torch.stack(found).amax()
+        # the flags the next step sets: the update zeroes them (one in its launch)
+        nexts = [st["buffers"].flags[1 - self._parity] for st in self._per_optimizer_states.values()
+                 if st["buffers"] is not None and not st["buffers"].clean[1 - self._parity]]
+        hyst = self._hyst()
         if new_scale is not None:
             self._set_scale(new_scale)
+            if found_inf is not None:
+                self._stats.record_update(found_inf, scale, self._min_scale)
+            for flag in nexts:
+                flag.zero_()
+            self._inv_cache = None
         else:
-            ops.update_scale_(scale, growth_tracker, self._hyst(), found_inf,
+            # one launch: the scale rule, the next inv_scale, a zeroed flag and the stats
+            cache = self._inv_cache
+            inv = cache[1] if cache is not None and cache[1].device == scale.device else \
+                torch.empty((), dtype=torch.float32, device=scale.device)
+            ops.update_scale_(scale, growth_tracker, hyst, found_inf,
                               growth_factor=self._growth_factor,
                               backoff_factor=self._backoff_factor,
                               growth_interval=self._growth_interval, hysteresis=self._hysteresis,
-                              min_scale=self._min_scale, max_scale=self._max_scale)
-        if found_inf is not None:
-            self._hyst()
-            self._stats.record_update(found_inf, scale, self._min_scale)
+                              min_scale=self._min_scale, max_scale=self._max_scale,
+                              inv_scale=inv, next_found_inf=nexts[0] if nexts else None,
+                              **self._stats.update_args())
+            self._stats.counted()
+            for flag in nexts[1:]:
+                flag.zero_()
+            self._inv_cache = (scale, inv)
+        for st in self._per_optimizer_states.values():
+            if st["buffers"] is not None:
+                st["buffers"].clean[1 - self._parity] = True
+        self._parity ^= 1
         self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
-        self._inv_cache = None
         if self._floor_patience and not (scale.is_cuda and torch.cuda.is_current_stream_capturing()):
             # (a CUDA graph replays device work only: the host-side check is not captured)
             every = max(1, min(50, self._floor_patience // 4))

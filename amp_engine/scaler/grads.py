@@ -113,8 +113,47 @@ class DeviceGrads:
             stats.counts.index_add_(0, index, tmp.to(stats.device, non_blocking=True))
 
 
+class StepBuffers:
+    """One optimizer's per-step device scalars, made once on the scale's device.
+
+    Two found_inf flags used on alternate steps: a step's checks set one, the
+    update that reads it zeroes the other (its ``next_found_inf``), so no step
+    allocates or zeroes a flag and the flag just read stays readable until the
+    next update. ``clean[i]``: flag i is known to be zero. ``clip_coef`` and
+    ``step_scale`` are written by the clip kernel.
+    """
+
+    __slots__ = ("flags", "clean", "clip_coef", "step_scale")
+
+    def __init__(self, device: torch.device) -> None:
+        # separate tensors, not views of one: ops that take two of them (a flag
+        # read, the next one zeroed) then hold no aliased arguments (torch.compile)
+        zero = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(4)]
+        self.flags = (zero[0], zero[1])
+        self.clean = [True, True]
+        self.clip_coef, self.step_scale = zero[2], zero[3]
+
+    def take(self, parity: int) -> Tensor:
+        """The flag this step's checks set (zeroed here only if a skipped update left it set)."""
+        flag = self.flags[parity]
+        if not self.clean[parity]:
+            flag.zero_()
+        self.clean[parity] = False
+        return flag
+
+
+def _keeps_fp32_masters(optimizer, p: Tensor, group: dict) -> bool:
+    needs = getattr(optimizer, "needs_master", None)  # amp_engine's optimizers
+    return bool(callable(needs) and needs(p, group))
+
+
 class OptimizerGrads:
-    """What the scaler caches per optimizer: device groups and how to step it."""
+    """What the scaler caches per optimizer: device groups and how to step it.
+
+    ``fp16_unmastered``: some fp16 param has no fp32 master, so its grads must not
+    be unscaled in place (torch refuses them in ``unscale_``: a plain optimizer
+    would step the fp16 weights directly); amp_engine's optimizers keep masters.
+    """
 
     def matches(self, optimizer) -> bool:
         """False once param groups were added, or a group's list replaced or resized.
@@ -126,12 +165,15 @@ class OptimizerGrads:
         return len(lists) == len(self.lists) and all(
             a is b and len(a) == n for a, b, n in zip(lists, self.lists, self.lengths))
 
-    __slots__ = ("lists", "lengths", "groups", "mesh", "sharding", "grad_scaler_kwarg")
+    __slots__ = ("lists", "lengths", "groups", "mesh", "sharding", "grad_scaler_kwarg",
+                 "fp16_unmastered", "buffers")
 
     def __init__(self, optimizer, stats: AmpStats, opt_index: int) -> None:
         self.lists, self.lengths = _param_lists(optimizer)
         by_device: dict[torch.device, tuple[list, list]] = {}
         seen: set[int] = set()
+        self.fp16_unmastered = False
+        self.buffers: StepBuffers | None = None
         for gi, group in enumerate(optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
                 if not isinstance(p, Tensor):
@@ -142,6 +184,8 @@ class OptimizerGrads:
                 if id(p) in seen:  # listed twice (torch only warns): unscale its grad once
                     continue
                 seen.add(id(p))
+                if p.dtype == torch.float16 and not self.fp16_unmastered:
+                    self.fp16_unmastered = not _keeps_fp32_masters(optimizer, p, group)
                 params, names = by_device.setdefault(p.device, ([], []))
                 params.append(p)
                 names.append(f"{type(optimizer).__name__}#{opt_index}.param_groups[{gi}][{pi}]")
@@ -157,3 +201,8 @@ class OptimizerGrads:
             self.grad_scaler_kwarg = "grad_scaler" in sig
         except (TypeError, ValueError):
             self.grad_scaler_kwarg = False
+
+    def buffers_on(self, device: torch.device) -> StepBuffers:
+        if self.buffers is None or self.buffers.clip_coef.device != device:
+            self.buffers = StepBuffers(device)
+        return self.buffers

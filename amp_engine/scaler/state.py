@@ -35,11 +35,14 @@ def refresh_per_optimizer_state() -> dict[str, Any]:
     found_inf: the combined, rank-reduced flag once computed; clip_coef: set by
     clip_grad_norm_; grads_scaled: the grads still carry the scale (checked
     read-only, or norm taken, but not unscaled in place); mesh, sharding: the
-    DTensor mesh and layout (amp_engine.distributed.dtensor_layout).
+    DTensor mesh and layout (amp_engine.distributed.dtensor_layout); buffers: the
+    optimizer's persistent flags (scaler.grads.StepBuffers) when a check used one;
+    step_scale: inv_scale * clip_coef as the clip kernel wrote it (None: compute it).
     A module-level factory so that the scaler pickles.
     """
     return {"stage": OptState.READY, "found_inf_per_device": {}, "found_inf": None,
-            "clip_coef": None, "grads_scaled": False, "mesh": None, "sharding": None}
+            "clip_coef": None, "grads_scaled": False, "mesh": None, "sharding": None,
+            "buffers": None, "step_scale": None}
 
 
 def real(value, name: str) -> float:
@@ -100,16 +103,19 @@ class StateMixin:
 
     # ------------------------------------------------------- torch's setters
     def set_growth_factor(self, new_factor: float) -> None:
-        """Set the growth factor (ValueError unless a finite number > 1)."""
-        self._growth_factor = check_growth_factor(new_factor)
+        """Set the growth factor (ValueError unless a finite number > 1); kept as given, as torch."""
+        check_growth_factor(new_factor)
+        self._growth_factor = new_factor
 
     def set_backoff_factor(self, new_factor: float) -> None:
-        """Set the backoff factor (ValueError unless in (0, 1))."""
-        self._backoff_factor = check_backoff_factor(new_factor)
+        """Set the backoff factor (ValueError unless in (0, 1)); kept as given, as torch."""
+        check_backoff_factor(new_factor)
+        self._backoff_factor = new_factor
 
     def set_growth_interval(self, new_interval: int) -> None:
         """Set the growth interval (ValueError unless an int >= 1)."""
-        self._growth_interval = positive_int(new_interval, "growth_interval")
+        positive_int(new_interval, "growth_interval")
+        self._growth_interval = new_interval
 
     def get_hysteresis(self) -> int:
         """The configured hysteresis (1 = torch's behaviour)."""
@@ -231,7 +237,7 @@ class StateMixin:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
             state["_hysteresis_tracker"] = None
         for key in ("_grad_cache", "_inv_cache", "_param_names", "_last_step_found_inf",
-                    "_n_optimizers_seen", "_counts_base"):
+                    "_n_optimizers_seen", "_counts_base", "_parity"):
             state.pop(key, None)
         return state
 
@@ -284,11 +290,14 @@ class StateMixin:
 
     @property
     def last_step_skipped_tensor(self) -> torch.Tensor | None:
-        """The most recent step's found_inf (0-dim fp32 device tensor, 1.0 = skipped): no sync."""
+        """The most recent step's found_inf (0-dim fp32 device tensor, 1.0 = skipped): no sync.
+
+        A copy: the scaler's own flag is reused two steps later.
+        """
         fi = self._last_step_found_inf
         if isinstance(fi, bool):
             return torch.full((), float(fi), dtype=torch.float32, device=self._scale.device)
-        return fi
+        return None if fi is None else fi.clone()
 
     def stats(self) -> dict[str, Any]:
         """Counters as a JSON-able dict (syncs): steps, skipped_steps, scale, trackers,

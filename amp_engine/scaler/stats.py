@@ -5,21 +5,23 @@ What is kept (all on the scale's device, updated without a host sync):
 * ``counts`` int64 ``[n_columns]``: per parameter, the number of non-finite grad
   elements seen so far. The check kernels add into it directly (their
   ``counts`` argument), so attribution costs no extra pass over the grads.
-* ``events`` int64 ``[1]``: updates at which an overflow was found (skipped steps).
-* a ring of the last ``history`` overflow events: the cumulative ``counts`` and
-  the update index at each. The difference of consecutive snapshots says which
-  parameters overflowed at that step. Every update writes its snapshot into
-  the ring's next free row and advances the write position by ``found_inf``
-  (0 or 1) on the device: a clean step's snapshot is simply overwritten by the
-  next one, so recording "only on overflow steps" needs no host decision.
-* ``last_above_floor`` int64: the last update that ended with the scale above its
-  floor; the updates since then (``floor_run``) are the ones spent at the floor.
+* ``counters`` int64 ``[3]``: updates so far, updates at which an overflow was
+  found (skipped steps), and the last update that ended with the scale above
+  its floor (the updates since then, ``floor_run``, are the ones spent at the floor).
+* ``ring`` int64 ``[history + 2, 1 + n_columns]``: the last ``history`` overflow
+  events, each row the update index then the cumulative ``counts`` at it. The
+  difference of consecutive snapshots says which parameters overflowed at that
+  step. Every update writes its snapshot into the ring's next free row and
+  advances the write position (``counters[1]``) by the overflow flag on the
+  device: a clean step's snapshot is simply overwritten by the next one, so
+  recording "only on overflow steps" needs no host decision.
 
-Cost per update: 7 tiny device ops, independent of the number of parameters
-apart from one row copy of ``counts`` (8 bytes per parameter). Memory:
-``8 * (history + 2) * n_params`` bytes for the ring. Nothing is copied to the
-host until :meth:`report` / :meth:`state_dict` are called (GradScaler.overflow_report,
-GradScaler.stats).
+Cost per update: nothing of its own. ``update_scale_`` (the launch that updates
+the scale anyway) does all of the above (``update_args`` hands it the tensors);
+its only size-dependent part is one row copy of ``counts`` (8 bytes per
+parameter). Memory: ``8 * (history + 2) * n_params`` bytes for the ring.
+Nothing is copied to the host until :meth:`report` / :meth:`state_dict` are
+called (GradScaler.overflow_report, GradScaler.stats).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from amp_engine.ops.reference.scaling import after_update_
 
 __all__ = ["AmpStats"]
 
@@ -74,17 +78,17 @@ class AmpStats:
         self.device = torch.device(device)
         n = len(self._columns)
         self.counts = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self.ring = torch.zeros(self._rows, n, dtype=torch.int64, device=self.device)
-        self.ring_steps = torch.full((self._rows,), -1, dtype=torch.int64, device=self.device)
-        self.events = torch.full((1,), self._pending["events"], dtype=torch.int64, device=self.device)
+        self.ring = torch.zeros(self._rows, 1 + n, dtype=torch.int64, device=self.device)
         last_above = self.updates - 1 - self._pending["floor_run"]
+        values = [self.updates, self._pending["events"], last_above]
         if self.device.type == "cpu":
             # host memory: the kernels write it, floor_run_lagged reads it through _host_view
-            self.last_above_floor = self._floor_host = torch.full((), last_above, dtype=torch.int64)
+            self.counters = torch.tensor(values, dtype=torch.int64)
+            self._floor_host = self.counters[2]  # a view made once: counters keeps it alive
             self._floor_host_view = _host_view(self._floor_host)
         else:
-            self.last_above_floor = torch.full((), last_above, dtype=torch.int64,
-                                               device=self.device)
+            self.counters = torch.tensor(values, dtype=torch.int64, device=self.device)
+            self._last_above = self.counters[2]  # a view made once: the async copy's source
             self._floor_host = torch.zeros((), dtype=torch.int64, pin_memory=True)
             self._floor_host_view = _host_view(self._floor_host)
         self._floor_event = None  # (event, updates when the copy was issued) on CUDA
@@ -116,22 +120,24 @@ class AmpStats:
         where = f"{where} ({name!r})" if name else where
         return type(error)(f"the grad of param {where}: {error}")
 
-    def record_update(self, found_inf: Tensor, scale: Tensor, min_scale: float) -> None:
-        """Account one update: found_inf (0-dim fp32, exactly 0.0/1.0) and the scale after it.
+    def update_args(self) -> dict:
+        """The bookkeeping arguments of ``ops.update_scale_`` for one update.
 
-        7 tiny device ops, no host sync: the ring row and step are written
-        every time, the write position advances only on overflow.
+        The kernel counts the update on the device; call :meth:`counted` after it.
         """
-        step = self.updates
-        self.updates += 1
-        overflow = found_inf.long()
         if self.track_overflow and self.counts.numel():
-            slot = self.events.remainder(self._rows)
-            self.ring.index_copy_(0, slot, self.counts.unsqueeze(0))
-            self.ring_steps.index_fill_(0, slot, step)
-        self.events.add_(overflow)
-        # the last update that ended above the floor; floor_run = step - it
-        self.last_above_floor.masked_fill_(scale.gt(min_scale), step)
+            return {"counters": self.counters, "counts": self.counts, "ring": self.ring}
+        return {"counters": self.counters, "counts": None, "ring": None}
+
+    def counted(self) -> None:
+        """The host's twin of ``counters[0]`` (the update index, for lagged floor reads)."""
+        self.updates += 1
+
+    def record_update(self, found_inf: Tensor, scale: Tensor, min_scale: float) -> None:
+        """Account an update that did not run ``update_scale_`` (``update(new_scale)``):
+        the same bookkeeping in plain tensor ops."""
+        after_update_(scale, found_inf, min_scale, None, None, **self.update_args())
+        self.counted()
 
     # ------------------------------------------------------------ host reads
     def floor_run_lagged(self, every: int) -> int | None:
@@ -152,7 +158,7 @@ class AmpStats:
             if not event.query():
                 return None  # the previous copy is still in flight: try next time
             value = updates - 1 - self._floor_host_view.value
-        self._floor_host.copy_(self.last_above_floor, non_blocking=True)
+        self._floor_host.copy_(self._last_above, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._floor_event = (event, self.updates)
@@ -162,11 +168,11 @@ class AmpStats:
         """Consecutive updates so far that ended at the floor (syncs)."""
         if self.device is None:
             return self._pending["floor_run"]
-        return self.updates - 1 - int(self.last_above_floor.item())
+        return self.updates - 1 - int(self.counters[2].item())
 
     def skipped_steps(self) -> int:
         """Updates at which an overflow was found (syncs)."""
-        return self._pending["events"] if self.device is None else int(self.events.item())
+        return self._pending["events"] if self.device is None else int(self.counters[1].item())
 
     def report(self, names: dict[int, str] | None = None, top_k: int | None = 10) -> list[dict]:
         """The parameters that overflowed most (syncs: copies the counters to the host).
@@ -180,16 +186,15 @@ class AmpStats:
         if self.device is None or not self._columns or not self.track_overflow:
             return []
         counts = self.counts.tolist()
-        ring = self.ring.tolist()
-        ring_steps = self.ring_steps.tolist()
-        n_events = int(self.events.item())
+        ring = self.ring.tolist()  # rows: [update index, counts...]
+        n_events = int(self.counters[1].item())
         steps_of: dict[int, list[int]] = {}
         for e in range(max(0, n_events - self.history), n_events):
-            row = ring[e % self._rows]
-            base = ring[(e - 1) % self._rows] if e > 0 else None
+            step, *row = ring[e % self._rows]
+            base = ring[(e - 1) % self._rows][1:] if e > 0 else None
             for col, c in enumerate(row):
                 if c > (base[col] if base is not None else 0):
-                    steps_of.setdefault(col, []).append(ring_steps[e % self._rows])
+                    steps_of.setdefault(col, []).append(step)
         merged: dict[str, dict] = {}
         for col, (ref, fallback) in enumerate(self._columns):
             if counts[col] == 0:
@@ -214,13 +219,12 @@ class AmpStats:
         floor_run = int(state.get("steps_at_floor", 0))
         self._pending = {"events": events, "floor_run": floor_run}
         if self.device is not None:
-            self.events.fill_(events)
-            self.last_above_floor.fill_(self.updates - 1 - floor_run)
+            self.counters.copy_(torch.tensor([self.updates, events, self.updates - 1 - floor_run]))
 
     def __getstate__(self) -> dict:
         # tensors and weakrefs do not pickle: keep the counters, restart lazily
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("counts", "ring", "ring_steps", "events", "last_above_floor",
+                 if k not in ("counts", "ring", "counters", "_last_above",
                               "_floor_host", "_floor_host_view", "_floor_event",
                               "_columns", "_column_of")}
         state["_pending"] = {"events": self.skipped_steps(), "floor_run": self.floor_run_now()}

@@ -1,6 +1,7 @@
 // CPU kernel of amp_engine::grad_norm_and_check: the L2 norm of the unscaled
-// grads and the non-finite check in one read-only pass. Contract:
-// amp_engine/ops/reference.py.
+// grads and the non-finite check in one read-only pass, and with max_norm the
+// clip coefficient and the step's multiplier from that norm. Contract:
+// amp_engine/ops/reference/scaling.py.
 //
 // Numerics: the unscaled value is formed as the unscale op forms it (fp32
 // float(g) * inv_scale, fp64 for fp64 grads), so fp32 grads holding scaled
@@ -26,6 +27,7 @@
 #include "checks.h"
 #include "cpu/grad_chunks.h"
 #include "cpu/grad_dtypes.h"
+#include "math/clip.h"
 
 #if defined(__x86_64__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -255,8 +257,11 @@ bool norm_group(const GradSpans& g, Inv inv, int64_t* counts, std::vector<double
 
 std::tuple<Tensor, Tensor> grad_norm_and_check_cpu(TensorList grads, Tensor inv_scale,
                                                    Tensor found_inf, OptTensor counts,
-                                                   bool per_tensor) {
-  check_grad_check_args(grads, inv_scale, found_inf, counts);
+                                                   bool per_tensor,
+                                                   std::optional<double> max_norm,
+                                                   OptTensor clip_coef, OptTensor step_scale) {
+  const Device dev = check_grad_check_args(grads, inv_scale, found_inf, counts);
+  check_clip_args(max_norm, clip_coef, step_scale, dev);
   const bool has_counts = counts.has_value() && counts->defined();
 
   const float inv = *ptr<const float>(inv_scale);
@@ -284,7 +289,15 @@ std::tuple<Tensor, Tensor> grad_norm_and_check_cpu(TensorList grads, Tensor inv_
   Tensor per = torch::stable::new_empty(found_inf, per_shape, ScalarType::Float);
   double sum = 0.0;  // tensor order, as the reference sums its per-tensor vector
   for (double s : sumsq) sum += s;
-  *ptr<float>(total) = static_cast<float>(std::sqrt(sum));
+  const float norm = static_cast<float>(std::sqrt(sum));
+  *ptr<float>(total) = norm;
+  if (max_norm.has_value()) {  // the clip, where the norm is (csrc/math/clip.h)
+    const float coef = math::clip_coef(norm, *max_norm);
+    if (clip_coef.has_value() && clip_coef->defined()) *ptr<float>(*clip_coef) = coef;
+    if (step_scale.has_value() && step_scale->defined()) {
+      *ptr<float>(*step_scale) = math::step_scale(inv, coef);
+    }
+  }
   if (per_tensor) {
     float* out = ptr<float>(per);
     for (size_t i = 0; i < sumsq.size(); ++i) out[i] = static_cast<float>(std::sqrt(sumsq[i]));

@@ -21,10 +21,12 @@
 
 #include <algorithm>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "cuda/grad_check.cuh"
+#include "math/clip.h"
 
 namespace amp_engine {
 namespace cuda {
@@ -85,10 +87,21 @@ struct SumSquaresFunctor {
   }
 };
 
+// The clip where the norm is (grad_norm_and_check's max_norm; has_clip false:
+// nothing written). Pointers may be null.
+struct ClipOut {
+  bool has_clip;
+  double max_norm;
+  const float* inv_scale;
+  float* clip_coef;
+  float* step_scale;
+};
+
 // One block: total = sqrt(sum of all sumsq), per[i] = sqrt(sumsq[i]) (per
 // nullable), sumsq left at zero. sqrt in fp64, rounded to fp32, as the reference.
+// Then, with max_norm, the clip coefficient and the step multiplier (math/clip.h).
 __global__ void __launch_bounds__(kReduceThreads)
-    finish_norms(double* sumsq, int64_t n, float* total, float* per) {
+    finish_norms(double* sumsq, int64_t n, float* total, float* per, ClipOut clip) {
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const double s = sumsq[i];
@@ -97,7 +110,13 @@ __global__ void __launch_bounds__(kReduceThreads)
     if (per != nullptr) per[i] = static_cast<float>(sqrt(s));
   }
   acc = block_reduce_sum(acc);
-  if (threadIdx.x == 0) *total = static_cast<float>(sqrt(acc));
+  if (threadIdx.x != 0) return;
+  const float norm = static_cast<float>(sqrt(acc));
+  *total = norm;
+  if (!clip.has_clip) return;
+  const float coef = math::clip_coef(norm, clip.max_norm);
+  if (clip.clip_coef != nullptr) *clip.clip_coef = coef;
+  if (clip.step_scale != nullptr) *clip.step_scale = math::step_scale(*clip.inv_scale, coef);
 }
 
 // ---------------------------------------------------------------- workspace cache
@@ -164,8 +183,14 @@ Workspace get_workspace(const Device& dev, cudaStream_t stream, int64_t n_chunks
 
 std::tuple<Tensor, Tensor> grad_norm_and_check_cuda(TensorList grads, Tensor inv_scale,
                                                     Tensor found_inf, OptTensor counts,
-                                                    bool per_tensor) {
+                                                    bool per_tensor,
+                                                    std::optional<double> max_norm,
+                                                    OptTensor clip_coef, OptTensor step_scale) {
   const Device dev = check_cuda_grad_check_args(grads, inv_scale, found_inf, counts);
+  check_clip_args(max_norm, clip_coef, step_scale, dev);
+  auto out_ptr = [](const OptTensor& t) { return t.has_value() && t->defined() ? ptr<float>(*t) : nullptr; };
+  const ClipOut clip{max_norm.has_value(), max_norm.value_or(0.0), ptr<const float>(inv_scale),
+                     out_ptr(clip_coef), out_ptr(step_scale)};
   const DeviceGuard guard(dev.index());
   const cudaStream_t stream = current_stream(dev);
   const int64_t n = static_cast<int64_t>(grads.size());
@@ -193,7 +218,7 @@ std::tuple<Tensor, Tensor> grad_norm_and_check_cuda(TensorList grads, Tensor inv
   STD_TORCH_CHECK(visited == n_chunks, "grad_norm_and_check: visited ", visited,
                   " chunks, expected ", n_chunks);
   finish_norms<<<1, kReduceThreads, 0, stream>>>(ws.sumsq, n, ptr<float>(total),
-                                                  per_tensor ? ptr<float>(per) : nullptr);
+                                                  per_tensor ? ptr<float>(per) : nullptr, clip);
   check_launch("finish_norms");
   return {total, per};
 }

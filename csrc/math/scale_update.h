@@ -1,4 +1,5 @@
-// The loss-scale rule (amp_engine/ops/reference.py update_scale_):
+// The loss-scale rule (amp_engine/ops/reference/scaling.py update_scale_) and the
+// bookkeeping update_scale_ does in the same launch (after_update_ there):
 // torch._amp_update_scale_ plus hysteresis and [min_scale, max_scale] bounds.
 // Products in fp64 rounded to fp32 (as torch's kernel), a NaN scale passes the
 // bounds (as clamp does), the int32 trackers wrap as int32 tensor arithmetic.
@@ -41,6 +42,31 @@ AMP_ENGINE_HD inline ScaleState update_scale(ScaleState st, float found_inf, dou
   out.scale = backoff ? backed : (grow ? grown : s);
   out.growth_tracker = (inf || grow) ? 0 : successful;
   out.hysteresis_tracker = inf ? (ht_minus_1 > 0 ? ht_minus_1 : 0) : hysteresis;
+  return out;
+}
+
+// ---- update_scale_'s bookkeeping after the new scale (reference.after_update_) ----
+
+// torch's unscale_ multiplier: fp32(1 / fp64(scale)).
+AMP_ENGINE_HD inline float inv_scale_of(float scale) {
+  return static_cast<float>(1.0 / static_cast<double>(scale));
+}
+
+// counters: updates so far, updates that found an overflow, the last update
+// that ended with the scale above the floor (the ring's write position is
+// overflow_updates % rows, taken before this update counts).
+struct UpdateCounters {
+  int64_t updates;
+  int64_t overflow_updates;
+  int64_t last_above_floor;
+};
+
+AMP_ENGINE_HD inline UpdateCounters count_update(UpdateCounters c, float found_inf,
+                                                 float new_scale, float min_scale) {
+  UpdateCounters out = c;
+  out.overflow_updates += found_inf != 0.0f ? 1 : 0;  // NaN counts, as in the scale rule
+  if (new_scale > min_scale) out.last_above_floor = c.updates;
+  out.updates = c.updates + 1;
   return out;
 }
 

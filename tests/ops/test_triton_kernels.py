@@ -353,8 +353,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     triton.compile(ASTSource(tk._reduce_kernel, sig, dict(R=tk._REDUCE_BLOCK)), target=target)
     sig = dict(scale="*fp32", growth_tracker="*i32", hysteresis_tracker="*i32", found_inf="*fp32",
                growth_factor="fp64", backoff_factor="fp64", growth_interval="i64",
-               hysteresis="i32", min_scale="fp32", max_scale="fp32")
-    triton.compile(ASTSource(tk._update_scale_kernel, sig, {}), target=target)
+               hysteresis="i32", min_scale="fp32", max_scale="fp32", inv_scale="*fp32",
+               next_found_inf="*fp32", counters="*i64", counts="*i64", ring="*i64",
+               n_counts="i64", rows="i64", HAS_INV="constexpr", HAS_NEXT="constexpr",
+               HAS_COUNTERS="constexpr", HAS_RING="constexpr", RBLOCK="constexpr")
+    for on in (False, True):
+        cx = dict(HAS_INV=on, HAS_NEXT=on, HAS_COUNTERS=on, HAS_RING=on, RBLOCK=256)
+        triton.compile(ASTSource(tk._update_scale_kernel, sig, cx), target=target)
     print("compiled")
 """)
 

@@ -331,3 +331,22 @@ def test_resume_from_state_dict_is_exact():
     resumed.load_state_dict(first.state_dict())
     _run(resumed, 4, model=m, opt=opt, inf_at=(1, 2))
     assert resumed.state_dict() == straight.state_dict()
+
+
+def test_int_arguments_are_kept_as_given_like_torch():
+    """torch keeps what it was given (int 3 stays int 3): getters, setters, state_dict, load."""
+    kwargs = dict(init_scale=1024, growth_factor=3, backoff_factor=0.5, growth_interval=7)
+    seen = {}
+    for cls in (torch.amp.GradScaler, GradScaler):
+        s = cls("cpu", **kwargs)
+        before = (s.get_growth_factor(), s.get_scale(), s.state_dict()["growth_factor"])
+        s.set_growth_factor(4)
+        s.set_backoff_factor(0.25)
+        after = (s.get_growth_factor(), s.get_backoff_factor())
+        s.scale(torch.ones(()))
+        sd = {k: s.state_dict()[k] for k in ("growth_factor", "backoff_factor", "growth_interval")}
+        s2 = cls("cpu")
+        s2.load_state_dict(s.state_dict())
+        seen[cls] = [(v, type(v)) for v in (*before, *after, *sd.values(), s2.get_growth_factor())]
+    assert seen[GradScaler] == seen[torch.amp.GradScaler]
+    assert seen[GradScaler][0] == (3, int) and seen[GradScaler][1] == (1024, int)

@@ -88,19 +88,31 @@ def test_hysteresis_and_bounds_at_defaults_are_torch():
     assert_same_trajectory(a, b)
 
 
-def test_fp16_params_reference_path():
-    # torch's non-fused path refuses fp16 grads; ours takes them and must agree with
-    # torch's arithmetic done by hand (fp32 unscale, rounded to fp16)
+def test_fp16_grads_of_a_plain_optimizer_are_refused_as_torch():
+    # torch refuses fp16 grads wherever they would be unscaled in place for an
+    # optimizer that steps the fp16 weights directly; ours raises the same error
+    errors = {}
+    for cls in (torch.amp.GradScaler, GradScaler):
+        for how in ("unscale_", "step", "clip"):
+            model = torch.nn.Linear(4, 3).half()
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            s = cls("cpu", init_scale=8.0)
+            s.scale(model(torch.randn(5, 4).half()).float().pow(2).mean()).backward()
+            before = [p.grad.clone() for p in model.parameters()]
+            with pytest.raises(ValueError) as info:
+                if how == "unscale_":
+                    s.unscale_(opt)
+                elif how == "step":
+                    s.step(opt)
+                else:
+                    s.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            errors[cls, how] = str(info.value)
+            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    assert set(errors.values()) == {"Attempting to unscale FP16 gradients."}
+    # ours' own clip_grad_norm_ counts as unscale_: the same refusal
     model = torch.nn.Linear(4, 3).half()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     s = GradScaler("cpu", init_scale=8.0)
-    x = torch.randn(5, 4).half()
-    s.scale(model(x).float().pow(2).mean()).backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    before = [p.detach().clone() for p in model.parameters()]
-    s.step(opt)
-    s.update()
-    inv = torch.tensor(8.0).double().reciprocal().float()
-    for p, b, g in zip(model.parameters(), before, grads):
-        expected = b.add((g.float() * inv).half(), alpha=-0.5)
-        assert torch.equal(p.detach(), expected)
+    s.scale(model(torch.randn(5, 4).half()).float().sum()).backward()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients."):
+        s.clip_grad_norm_(torch.optim.SGD(model.parameters(), lr=0.5), 1.0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from amp_engine.ops import DEFAULT_MIN_SCALE
+from amp_engine import optim as amp_optim
 from amp_engine.scaler import GradScaler
 from .cases import ContractSGD, single_thread  # noqa: F401
 
@@ -124,7 +125,8 @@ def test_after_unscale_check_catches_fp16_overflow():
     results = {}
     for cls in (torch.amp.GradScaler, GradScaler):
         p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
-        opt = ContractSGD([p]) if cls is GradScaler else torch.optim.SGD([p], lr=0.1)
+        # ours: an optimizer with an fp32 master, so unscale_ takes the fp16 grads
+        opt = amp_optim.SGD([p], lr=0.1) if cls is GradScaler else torch.optim.SGD([p], lr=0.1)
         s = cls("cpu", init_scale=2.0**-10)
         s.scale(torch.ones(()))
         p.grad = torch.full((4,), 1000.0, dtype=torch.float16)  # 1000 * 2**10 > 65504
@@ -163,13 +165,30 @@ def test_torch_fused_gets_exactly_one():
 def test_bf16_and_fp16_grads_mixed_in_one_optimizer():
     ps = [torch.nn.Parameter(torch.ones(3, dtype=dt))
           for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
-    opt = torch.optim.SGD(ps, lr=1.0)
+    opt = amp_optim.SGD(ps, lr=1.0)  # fp32 masters: fp16 grads may be unscaled in place
     s = GradScaler("cpu", init_scale=4.0)
     s.scale(torch.ones(()))
     for p in ps:
         p.grad = torch.full((3,), 2.0, dtype=p.dtype)
+    s.unscale_(opt)
+    assert all(torch.equal(p.grad, torch.full((3,), 0.5, dtype=p.dtype)) for p in ps)
     s.step(opt)
     assert all(torch.equal(p.detach(), torch.full((3,), 0.5, dtype=p.dtype)) for p in ps)
+
+
+def test_fp16_grads_refused_without_masters():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    for opt in (amp_optim.SGD([p], lr=1.0, master_weights=False), ContractSGD([p], lr=1.0)):
+        s = GradScaler("cpu", init_scale=4.0)
+        s.scale(torch.ones(()))
+        p.grad = torch.full((3,), 2.0, dtype=torch.float16)
+        with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients."):
+            s.unscale_(opt)
+        assert torch.equal(p.grad, torch.full((3,), 2.0, dtype=torch.float16))
+        s.step(opt)  # without unscale_: the fused check, as torch's fused path
+        s.update()
+        assert torch.equal(p.detach(), torch.full((3,), 0.5, dtype=torch.float16))
+        p.data.fill_(1.0)
 
 
 def test_per_device_flags_combine_with_max_never_sum():

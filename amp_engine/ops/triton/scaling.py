@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from amp_engine.ops.reference.scaling import DEFAULT_MIN_SCALE
+from amp_engine.ops.reference.scaling import DEFAULT_MIN_SCALE, clip_outputs_
 from amp_engine.ops.triton.tables import LaunchTables
 
 #: Elements per program (one chunk). Large enough that a GPU program streams
@@ -135,13 +135,18 @@ def _reduce_kernel(meta, n, n_chunks, sumsq_ws, sumsq, R: tl.constexpr):
     tl.store(sumsq + slot, tl.sum(acc))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_counts", "rows"])
 def _update_scale_kernel(scale, growth_tracker, hysteresis_tracker, found_inf,
                          growth_factor: tl.float64, backoff_factor: tl.float64,
                          growth_interval: tl.int64, hysteresis: tl.int32,
-                         min_scale: tl.float32, max_scale: tl.float32):
-    """reference.update_scale_ in one program: the factors are fp64 arguments, the
-    bounds already rounded to fp32 (as the reference's fp32 clamps see them)."""
+                         min_scale: tl.float32, max_scale: tl.float32,
+                         inv_scale, next_found_inf, counters, counts, ring, n_counts, rows,
+                         HAS_INV: tl.constexpr, HAS_NEXT: tl.constexpr,
+                         HAS_COUNTERS: tl.constexpr, HAS_RING: tl.constexpr,
+                         RBLOCK: tl.constexpr):
+    """reference.update_scale_ (and after_update_) in one program: the factors are
+    fp64 arguments, the bounds already rounded to fp32 (as the reference's fp32
+    clamps see them)."""
     s = tl.load(scale)
     gt = tl.load(growth_tracker)
     ht = tl.load(hysteresis_tracker)
@@ -160,9 +165,28 @@ def _update_scale_kernel(scale, growth_tracker, hysteresis_tracker, found_inf,
     grown_ok = (grown == grown) & (tl.abs(grown) != float("inf"))
     grown = tl.where(grown_ok, tl.where(grown > max_scale, max_scale, grown), s)
 
-    tl.store(scale, tl.where(backoff, backed, tl.where(grow, grown, s)))
+    new_s = tl.where(backoff, backed, tl.where(grow, grown, s))
+    tl.store(scale, new_s)
     tl.store(growth_tracker, tl.where(overflow | grow, 0, successful))
     tl.store(hysteresis_tracker, tl.where(overflow, tl.maximum(ht - 1, 0), hysteresis))
+    if HAS_INV:  # torch's fp64 reciprocal, rounded to fp32
+        tl.store(inv_scale, (1.0 / new_s.to(tl.float64)).to(tl.float32))
+    if HAS_NEXT:
+        tl.store(next_found_inf, 0.0)
+    if HAS_COUNTERS:
+        u = tl.load(counters)
+        events = tl.load(counters + 1)
+        if HAS_RING:
+            row = ring + (events % rows) * (n_counts + 1)
+            tl.store(row, u)
+            for start in range(0, n_counts, RBLOCK):
+                offs = start + tl.arange(0, RBLOCK)
+                mask = offs < n_counts
+                tl.store(row + 1 + offs, tl.load(counts + offs, mask=mask), mask=mask)
+        tl.store(counters + 1, events + tl.where(overflow, 1, 0).to(tl.int64))
+        last = tl.load(counters + 2)
+        tl.store(counters + 2, tl.where(new_s > min_scale, u, last))
+        tl.store(counters, u + 1)
 
 
 # --------------------------------------------------------------------------- host side
@@ -283,6 +307,9 @@ def grad_norm_and_check(
     found_inf: Tensor,
     counts: Tensor | None = None,
     per_tensor: bool = False,
+    max_norm: float | None = None,
+    clip_coef: Tensor | None = None,
+    step_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """L2 norm of the unscaled grads (read-only) and the inf check; see reference.
 
@@ -301,6 +328,7 @@ def grad_norm_and_check(
                                           R=_REDUCE_BLOCK, num_warps=4)
     total = sumsq.sum().sqrt().float()
     per = sumsq.sqrt().float() if per_tensor else sumsq.new_empty(0, dtype=torch.float32)
+    clip_outputs_(total, inv_scale, max_norm, clip_coef, step_scale)  # 0-dim torch ops
     return total, per
 
 
@@ -321,14 +349,30 @@ def update_scale_(
     hysteresis: int = 1,
     min_scale: float = DEFAULT_MIN_SCALE,
     max_scale: float = float("inf"),
+    inv_scale: Tensor | None = None,
+    next_found_inf: Tensor | None = None,
+    counters: Tensor | None = None,
+    counts: Tensor | None = None,
+    ring: Tensor | None = None,
 ) -> None:
     """One-program scale update on the scale's device; see reference.update_scale_.
 
-    scale fp32, growth_tracker and hysteresis_tracker int32, found_inf fp32: one-element.
+    scale fp32, growth_tracker and hysteresis_tracker int32, found_inf fp32: one-element;
+    the optional bookkeeping outputs as reference.after_update_.
     """
+    dummy = scale  # stands in for an absent pointer argument (never read)
     with _launching_on(scale.device):
         _update_scale_kernel[(1,)](
             scale, growth_tracker, hysteresis_tracker, found_inf, float(growth_factor),
             float(backoff_factor), int(growth_interval), int(hysteresis), _to_f32(min_scale),
-            _to_f32(max_scale), num_warps=1,
+            _to_f32(max_scale),
+            dummy if inv_scale is None else inv_scale,
+            dummy if next_found_inf is None else next_found_inf,
+            dummy if counters is None else counters,
+            dummy if counts is None else counts,
+            dummy if ring is None else ring,
+            0 if counts is None else counts.shape[0], 1 if ring is None else ring.shape[0],
+            HAS_INV=inv_scale is not None, HAS_NEXT=next_found_inf is not None,
+            HAS_COUNTERS=counters is not None, HAS_RING=ring is not None,
+            RBLOCK=256, num_warps=1,
         )
