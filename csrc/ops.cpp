@@ -58,7 +58,7 @@ STABLE_TORCH_LIBRARY(amp_engine, m) {
 
   // ---- fused optimizer steps ------------------------------------------------------
   // One call updates a whole list of params on one device (one launch per dtype
-  // group inside). Contract (the truth: amp_engine/ops/optim_reference.py):
+  // group inside). Contract (the truth: amp_engine/ops/reference/optim.py):
   //   * found_inf (fp32, one element) != 0 -> nothing changes at all (params,
   //     masters, moments, steps, rng_state); None -> always applied;
   //   * g = float(grad) * inv_scale (inv_scale = clip_coef / grad_scale, fp32

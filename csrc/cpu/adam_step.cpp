@@ -1,5 +1,5 @@
 // amp_engine::adam_step_ on the CPU: fused Adam / AdamW over a whole list.
-// Contract: amp_engine/ops/optim_reference.py; the arithmetic of one element is
+// Contract: amp_engine/ops/reference/optim.py; the arithmetic of one element is
 // math::adam_update (csrc/math/adam.h), which the CUDA kernel runs too.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>

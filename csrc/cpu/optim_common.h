@@ -1,7 +1,7 @@
 // Shared by the fused optimizer-step CPU kernels (adam_step.cpp, sgd_step.cpp):
 // the work split and block loads/stores with rounding. The per-element
 // arithmetic is csrc/math/ (shared with CUDA), the argument checks
-// csrc/optim_checks.h; the contract is amp_engine/ops/optim_reference.py.
+// csrc/optim_checks.h; the contract is amp_engine/ops/reference/optim.py.
 //
 // Work is cut into fixed-size chunks over the concatenation of every tensor of
 // the call and run by one parallel_for. Inside a chunk, blocks of kBlock

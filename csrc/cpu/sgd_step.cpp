@@ -1,5 +1,5 @@
 // amp_engine::sgd_step_ on the CPU: fused SGD (momentum, dampening, nesterov)
-// over a whole list. Contract: amp_engine/ops/optim_reference.py; the
+// over a whole list. Contract: amp_engine/ops/reference/optim.py; the
 // arithmetic of one element is math::sgd_update (csrc/math/sgd.h), shared with CUDA.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>

@@ -1,6 +1,6 @@
 // amp_engine::adam_step_ on CUDA: fused Adam / AdamW over a whole list, one
 // multi-tensor-apply launch sequence per (param dtype, grad dtype) group, then
-// the launch that counts the step. Contract: amp_engine/ops/optim_reference.py;
+// the launch that counts the step. Contract: amp_engine/ops/reference/optim.py;
 // the update of one element is math::adam_update (csrc/math/adam.h), the code
 // the CPU kernel runs and the CPU tests verify bitwise. found_inf, inv_scale, lr
 // and the step counters are read on the device: nothing syncs with the host.

@@ -1,7 +1,7 @@
 // amp_engine::sgd_step_ on CUDA: fused SGD (momentum, dampening, nesterov) over
 // a whole list, one multi-tensor-apply launch sequence per (param dtype, grad
 // dtype) group, then the launch that counts the step. Contract:
-// amp_engine/ops/optim_reference.py; the update of one element is
+// amp_engine/ops/reference/optim.py; the update of one element is
 // math::sgd_update (csrc/math/sgd.h), shared with the CPU kernel. found_inf,
 // inv_scale, lr and the step counters are read on the device: no host sync.
 #include <torch/csrc/stable/library.h>

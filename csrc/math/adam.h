@@ -1,5 +1,5 @@
 // The Adam / AdamW update of one element, and the per-call and per-tensor
-// scalars it uses: amp_engine/ops/optim_reference.py's arithmetic, operation for
+// scalars it uses: amp_engine/ops/reference/optim.py's arithmetic, operation for
 // operation (each a single correctly rounded fp op, no fused multiply-adds; see
 // hd.h). A is the compute type: fp32, fp64 for fp64 params.
 #pragma once

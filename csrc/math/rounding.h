@@ -1,13 +1,13 @@
 // Rounding fp32 results to a bf16 param, nearest-even or stochastic, and the
 // counter-based hash that draws the stochastic bits. The Python reference
-// (amp_engine/ops/optim_reference.py: mix32, the SR key, the rounding) defines
+// (amp_engine/ops/reference/optim.py: mix32, the SR key, the rounding) defines
 // the bits; every backend calls these functions.
 #pragma once
 #include "math/hd.h"
 
 namespace amp_engine::math {
 
-// lowbias32 (C. Wellons): a bijective uint32 hash; optim_reference.mix32.
+// lowbias32 (C. Wellons): a bijective uint32 hash; reference/optim.py mix32.
 AMP_ENGINE_HD inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x21F0AAADu;

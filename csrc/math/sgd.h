@@ -1,5 +1,5 @@
 // The SGD update of one element (torch's formulas: momentum, dampening,
-// nesterov, L2 weight decay), as amp_engine/ops/optim_reference.py computes it.
+// nesterov, L2 weight decay), as amp_engine/ops/reference/optim.py computes it.
 #pragma once
 #include "math/hd.h"
 
