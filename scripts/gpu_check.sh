@@ -151,7 +151,7 @@ stage smoke smoke.log - 90 "$PY" scripts/gpu_check/smoke.py
 # ---- tests -------------------------------------------------------------------
 BENCHES=()
 if [ "${HAS_GPU:-0}" = 1 ]; then
-  for b in benchmarks/bench_ops.py benchmarks/bench_scaler.py benchmarks/bench_optim.py; do
+  for b in benchmarks/bench_ops.py benchmarks/bench_scaler.py benchmarks/bench_optim.py benchmarks/bench_train.py; do
     [ -f "$b" ] && BENCHES+=("$b")
   done
 elif [ -f benchmarks/bench_ops.py ]; then
