@@ -4,9 +4,11 @@ import os
 
 import pytest
 
-from amp_engine.cli import main
-from amp_engine.demo.plots import PLOT_FILES
-from amp_engine.demo.report import HISTORY_KEYS, SUMMARY_KEYS
+pytest.importorskip("matplotlib", reason="the demo run here draws its plots: pip install 'amp_engine[demo]'")
+
+from amp_engine.cli import main  # noqa: E402
+from amp_engine.demo.plots import PLOT_FILES  # noqa: E402
+from amp_engine.demo.report import HISTORY_KEYS, SUMMARY_KEYS  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 6
