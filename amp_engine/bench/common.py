@@ -44,6 +44,12 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for `device`'s queued work (CUDA), so host timers measure the device's work too."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_fn(fn: Callable[[], object], *, min_run_time: float = 1.0) -> Timing:
     """Median and IQR of `fn()` over repeated blocks (warm-up included)."""
     fn()  # warm-up: first-call costs (allocations, autotune, page faults)

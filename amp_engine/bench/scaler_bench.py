@@ -29,7 +29,7 @@ import time
 import torch
 
 from amp_engine import ops
-from amp_engine.bench.common import (Row, arg_parser, environment, finish_rows, markdown_table,
+from amp_engine.bench.common import (Row, arg_parser, environment, finish_rows, markdown_table, sync,
                                      write_results)
 from amp_engine.scaler import GradScaler
 
@@ -52,11 +52,6 @@ class _NullFusedOptimizer(_NullOptimizer):
     _step_supports_amp_scaling = True  # torch's fused contract: grad_scale + found_inf
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def paired_times(fns: dict, device, min_run_time: float, clock: str = "wall") -> dict:
     """{impl: (median s, IQR s)} per call, timing the implementations in alternation.
 
@@ -71,20 +66,20 @@ def paired_times(fns: dict, device, min_run_time: float, clock: str = "wall") ->
     reps = {}
     for name, fn in fns.items():  # warm up, and size a block to ~10 ms
         fn()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         reps[name] = max(1, int(0.01 / max(time.perf_counter() - t0, 1e-7)))
     deadline = time.perf_counter() + min_run_time * len(fns)
     rounds = 0
     while rounds < 5 or (time.perf_counter() < deadline and rounds < 200):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             t0 = now()
             for _ in range(reps[name]):
                 fn()
-            _sync(device)
+            sync(device)
             per_call[name].append((now() - t0) / reps[name])
         rounds += 1
     out = {}

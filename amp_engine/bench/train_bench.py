@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from amp_engine import optim as fused_optim
-from amp_engine.bench.common import Row, arg_parser, environment, finish_rows, write_results
+from amp_engine.bench.common import Row, arg_parser, environment, finish_rows, sync, write_results
 from amp_engine.demo.model import CharTransformer, ModelShape
 from amp_engine.scaler import GradScaler
 
@@ -42,11 +42,6 @@ SIZES = {"2M": (256, 2, 4), "20M": (512, 6, 8), "100M": (768, 14, 12)}
 def _shape(size: str, context: int) -> ModelShape:
     d, layers, heads = SIZES[size]
     return ModelShape(vocab_size=VOCAB, context=context, d_model=d, n_layers=layers, n_heads=heads)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def state_bytes_per_param(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -93,12 +88,12 @@ class Recipe:
         self.scaler = scaler_cls(device.type, init_scale=2.0**16 if device.type == "cuda" else 1.0)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
             loss = F.cross_entropy(self.model(x).float(), y.reshape(-1))
         self.scaler.scale(loss).backward()
-        _sync(self.device)
+        sync(self.device)
         t1 = time.perf_counter()
         if self.name == TORCH:
             self.scaler.unscale_(self.optimizer)
@@ -107,7 +102,7 @@ class Recipe:
             self.scaler.clip_grad_norm_(self.optimizer, MAX_NORM)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        _sync(self.device)
+        sync(self.device)
         t2 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=False)  # grads stay: counted in the bytes
         return t2 - t0, t2 - t1
