@@ -50,10 +50,17 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def timer(fn: Callable[[], object]) -> tbench.Timer:
+    """A torch.utils.benchmark Timer of `fn()` at this process's intra-op thread count:
+    Timer's own default is one thread, which would time every CPU benchmark
+    single-threaded whatever --threads (and the reported cpu_threads) said."""
+    return tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
 def time_fn(fn: Callable[[], object], *, min_run_time: float = 1.0) -> Timing:
     """Median and IQR of `fn()` over repeated blocks (warm-up included)."""
     fn()  # warm-up: first-call costs (allocations, autotune, page faults)
-    m = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    m = timer(fn).blocked_autorange(min_run_time=min_run_time)
     return Timing(median_s=m.median, iqr_s=m.iqr, runs=len(m.times))
 
 

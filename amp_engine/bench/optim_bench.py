@@ -33,10 +33,9 @@ from __future__ import annotations
 import gc
 
 import torch
-import torch.utils.benchmark as tbench
 
 from amp_engine import ops
-from amp_engine.bench.common import Row, arg_parser, environment, markdown_table, write_results
+from amp_engine.bench.common import Row, arg_parser, environment, markdown_table, timer, write_results
 from amp_engine.optim import AdamW
 
 MAX_NORM = 1e9  # clip coefficient 1: see the module docstring
@@ -282,7 +281,7 @@ def run(device: str = "cpu", quick: bool = False, rounds: int | None = None,
 
 def time_block(fn, number: int) -> float:
     """Seconds per call of `fn` over `number` calls (torch.utils.benchmark; syncs CUDA)."""
-    return tbench.Timer(stmt="fn()", globals={"fn": fn}).timeit(number).mean
+    return timer(fn).timeit(number).mean
 
 
 def _median(xs: list[float]) -> float:

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "compact_checks.h"
+#include "cpu/compact_avx2.h"
 #include "cpu/optim_common.h"
 #include "math/adam.h"
 
@@ -103,10 +104,35 @@ inline void update_block(const AdamCoeffs<float>& s, const AdamStepTerms<float>&
   for (int64_t k = 0; k < n; ++k) w[k] = math::adam_update(s, D, false, t, g[k], w[k], m[k], v[k], unused);
 }
 
+// A block whose moments are both 8-bit, in one fused routine where the build has one
+// (compact_avx2.h, bitwise the scalar loops); nullptr: the scalar loops.
+using Block8Fn = void (*)(const AdamCoeffs<float>&, const AdamStepTerms<float>&, const float*,
+                          float*, uint8_t*, uint8_t*, float*, float*, int64_t);
+
+#if defined(AMP_ENGINE_COMPACT_AVX2)
+const m8::avx2::UnsignedTables kUnsignedTables;
+
+template <Decay D, bool kSmall>
+void block8_avx2(const AdamCoeffs<float>& s, const AdamStepTerms<float>& t, const float* g,
+                 float* w, uint8_t* mc, uint8_t* vc, float* ma, float* va, int64_t n) {
+  m8::avx2::step_block8<D, kSmall>(s, t, kUnsignedTables, g, w, mc, vc, ma, va, n);
+}
+
+Block8Fn pick_block8(Decay d, bool lerp_small) {
+  if (d == Decay::kNone) return lerp_small ? block8_avx2<Decay::kNone, true> : block8_avx2<Decay::kNone, false>;
+  if (d == Decay::kDecoupled)
+    return lerp_small ? block8_avx2<Decay::kDecoupled, true> : block8_avx2<Decay::kDecoupled, false>;
+  return lerp_small ? block8_avx2<Decay::kL2, true> : block8_avx2<Decay::kL2, false>;
+}
+#else
+Block8Fn pick_block8(Decay, bool) { return nullptr; }
+#endif
+
 struct CompactCall {  // what every chunk of the call shares
   AdamCoeffs<float> s;
   Decay decay;
   bool sr;
+  Block8Fn block8;
 };
 
 void compact_chunk(const CompactCall& c, const CompactTensor& t, int64_t begin, int64_t end) {
@@ -115,12 +141,19 @@ void compact_chunk(const CompactCall& c, const CompactTensor& t, int64_t begin, 
   float* w_mem = t.master ? t.master
                           : (t.p_type == ScalarType::Float ? static_cast<float*>(t.p) : nullptr);
   const bool write_param = w_mem == nullptr || t.master != nullptr;
+  const bool fused8 = c.block8 && t.m_fmt == MomentFormat::kBlocks8 && t.v_fmt == MomentFormat::kBlocks8;
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
     const float* g = g_mem ? g_mem + b : g_buf;
     if (!g_mem) load_block<float>(t.g_type, t.g, b, g_buf, n);
     float* w = w_mem ? w_mem + b : w_buf;
     if (!w_mem) load_block<float>(t.p_type, t.p, b, w_buf, n);
+    if (fused8) {
+      c.block8(c.s, t.terms, g, w, static_cast<uint8_t*>(t.m) + b, static_cast<uint8_t*>(t.v) + b,
+               t.m_absmax + b / kBlock, t.v_absmax + b / kBlock, n);
+      if (write_param) store_block<float>(t.p_type, t.p, b, w, n, c.sr, t.key);
+      continue;
+    }
     load_moment<true>(t.m_fmt, t.m, t.m_absmax, b, m_buf, n);
     load_moment<false>(t.v_fmt, t.v, t.v_absmax, b, v_buf, n);
     if (c.decay == Decay::kNone) update_block<Decay::kNone>(c.s, t.terms, g, w, m_buf, v_buf, n);
@@ -150,9 +183,9 @@ void adam_step_compact_cpu(TensorList params, TensorList grads, TensorList maste
   const Decay decay = weight_decay == 0.0 ? Decay::kNone
                       : decoupled         ? Decay::kDecoupled
                                           : Decay::kL2;
-  const CompactCall call{math::adam_coeffs<float>(read_inv_scale(inv_scale), lr_v, beta1, beta2,
-                                                  eps, weight_decay, maximize),
-                         decay, sr};
+  const AdamCoeffs<float> coeffs = math::adam_coeffs<float>(read_inv_scale(inv_scale), lr_v, beta1,
+                                                            beta2, eps, weight_decay, maximize);
+  const CompactCall call{coeffs, decay, sr, pick_block8(decay, coeffs.lerp_small)};
 
   const size_t n = params.size();
   const bool has_master = !masters.empty();

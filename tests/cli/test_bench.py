@@ -77,3 +77,22 @@ def test_state_bytes_per_param_counts_each_tensor_once():
     opt.state[p]["buf"] = p.grad  # the same tensor twice: counted once
     opt.state[p]["m"] = torch.zeros(10, dtype=torch.bfloat16)
     assert state_bytes_per_param(model, opt) == (40 + 40 + 20) / 10
+
+
+def test_benchmarks_time_at_the_threads_they_report():
+    """torch.utils.benchmark.Timer runs one thread unless told: the benchmarks' timer
+    must run the intra-op thread count the environment line reports."""
+    import torch
+
+    from amp_engine.bench import common, optim_bench
+
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        common.time_fn(lambda: seen.append(torch.get_num_threads()), min_run_time=0.001)
+        optim_bench.time_block(lambda: seen.append(torch.get_num_threads()), 1)
+        assert common.environment("cpu")["cpu_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
