@@ -313,7 +313,8 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
         else:
             # one launch: the scale rule, the next inv_scale, a zeroed flag and the stats
             cache = self._inv_cache
-            inv = cache[1] if cache is not None and cache[1].device == scale.device else \
+            # (the same scale tensor: the same device; no torch.device objects made)
+            inv = cache[1] if cache is not None and cache[0] is scale else \
                 torch.empty((), dtype=torch.float32, device=scale.device)
             ops.update_scale_(scale, growth_tracker, hyst, found_inf,
                               growth_factor=self._growth_factor,

@@ -58,8 +58,14 @@ inline int dtype_slot(ScalarType t) {
 // these per-tensor costs are what remains of the host time). Returns
 // false if some tensor is not dense: the caller densifies with make_dense
 // (checks.h) and collects again.
+// `groups` is cleared first, keeping its capacity: callers pass a thread_local
+// one (scratch_groups), so that a step allocates nothing here.
 inline bool collect_spans(const TensorList& ts, GradGroups& groups) {
-  groups = GradGroups{};
+  for (GradSpans& g : groups) {
+    g.spans.clear();
+    g.total = 0;
+    g.chunks = 0;
+  }
   for (size_t i = 0; i < ts.size(); ++i) {
     const Tensor& t = ts[i];
     const int64_t n = t.numel();
@@ -72,6 +78,15 @@ inline bool collect_spans(const TensorList& ts, GradGroups& groups) {
     g.chunks += (n + kChunk - 1) / kChunk;
   }
   return true;
+}
+
+// This thread's reusable GradGroups (an op's spans live only during its call; the
+// kernels' worker threads never collect). With thousands of grads, fresh vectors
+// cost a large malloc per call, and glibc then consolidates the small chunks the
+// stable ABI's tensor handles just freed: measurable host time per step.
+inline GradGroups& scratch_groups() {
+  thread_local GradGroups groups;
+  return groups;
 }
 
 // Index of the span holding flat element `pos` (pos < total).

@@ -295,13 +295,13 @@ std::tuple<Tensor, Tensor> grad_norm_and_check_cpu(TensorList grads, Tensor inv_
 
   // Non-dense views (rare) are read from contiguous copies (read-only: no copy_back).
   DenseList dense;
-  GradGroups groups;
+  GradGroups& groups = scratch_groups();
   if (!collect_spans(grads, groups)) {
     dense = make_dense(grads);
     collect_spans(dense.tensors, groups);
   }
-  std::vector<double> sumsq(grads.size(), 0.0);
-  std::vector<double> chunk_sumsq;
+  thread_local std::vector<double> sumsq, chunk_sumsq;  // reused: no allocation per step
+  sumsq.assign(grads.size(), 0.0);
   const bool any_bad =
       norm_group<float>(groups[kF32], inv, counts_data, chunk_sumsq, sumsq) |
       norm_group<Half>(groups[kF16], inv, counts_data, chunk_sumsq, sumsq) |

@@ -89,7 +89,7 @@ void unscale_and_check_cpu(TensorList grads, Tensor inv_scale, Tensor found_inf,
 
   // Non-dense views (rare) are processed as contiguous copies, copied back below.
   DenseList dense;
-  GradGroups groups;
+  GradGroups& groups = scratch_groups();
   if (!collect_spans(grads, groups)) {
     dense = make_dense(grads);
     collect_spans(dense.tensors, groups);
