@@ -187,6 +187,10 @@ for b in "${BENCHES[@]}"; do
   mkdir -p "$OUTDIR/bench/$name"
   stage "$name --quick ($DEV)" bench.log - "$BENCH_EACH" "$PY" "$b" --quick --device "$DEV" --output "$OUTDIR/bench/$name"
 done
+# launches per step on the GPU (profiler: kernels, memcpys, memsets) beside torch's
+if [ "${HAS_GPU:-0}" = 1 ]; then
+  stage "launches per step (cuda)" launches.log - 90 "$PY" -m amp_engine.bench.op_count --device cuda --launches --sizes 24,240
+fi
 # the tables inline, readable without opening the folders
 find "$OUTDIR/bench" -type f -name '*.md' -size -200k 2>/dev/null | sort | while read -r f; do
   printf '\n===== %s =====\n' "${f#"$OUTDIR"/}"; cat "$f"

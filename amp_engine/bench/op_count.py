@@ -22,6 +22,11 @@ tensors every step, as after ``zero_grad()``, assigned outside the count):
 
 Clipping: torch ``unscale_`` + ``torch.nn.utils.clip_grad_norm_``; ours
 ``scaler.clip_grad_norm_``. Run ``python -m amp_engine.bench.op_count`` for the table.
+
+On a CUDA device ``--launches`` adds what the GPU actually ran: the profiler's
+count of kernels, memcpys and memsets per step (``count_launches``), for both
+sides (scripts/gpu_check.sh runs it). A dispatched op may launch several kernels
+(torch's fused AdamW launches one per chunk of tensors) or none (a view).
 """
 from __future__ import annotations
 
@@ -65,6 +70,29 @@ def count_ops(fn: Callable[[], object]) -> Counter:
     return counter.ops
 
 
+def device_events(events, device_type) -> Counter:
+    """The profiler events that ran on ``device_type`` (torch.autograd.DeviceType), by
+    name: on CUDA each is a kernel, a memcpy or a memset."""
+    return Counter(e.name for e in events if e.device_type == device_type)
+
+
+def count_launches(fn: Callable[[], object], device: str = "cuda") -> Counter:
+    """What ``fn()`` ran on the GPU, by name (torch.profiler's CUDA activity, after a
+    synchronize): kernels, memcpys and memsets. Needs a CUDA device."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"device={device!r}: launches are counted on a CUDA device only "
+                         "(count_ops counts dispatched ops anywhere)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("count_launches needs a CUDA device; none is available")
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return device_events(prof.events(), torch.autograd.DeviceType.CUDA)
+
+
 @dataclass
 class Setup:
     """One recipe ready to step: ``load()`` assigns fresh grads, ``step()`` is counted."""
@@ -87,24 +115,25 @@ def _our_optimizer(kind: str, params):
     return (OurAdamW if kind == "adamw" else OurAdam)(params, lr=1e-3)
 
 
-def _scaler(ours: bool):
+def _scaler(ours: bool, device: str = "cpu"):
     # growth_interval: the scale stays put, every counted step does the same work
     cls = GradScaler if ours else torch.amp.GradScaler
-    return cls("cpu", init_scale=2.0**10, growth_interval=10**6)
+    return cls(torch.device(device).type, init_scale=2.0**10, growth_interval=10**6)
 
 
-def build(recipe: str, impl: str, dtype: torch.dtype, n: int, clip: bool) -> Setup:
+def build(recipe: str, impl: str, dtype: torch.dtype, n: int, clip: bool,
+          device: str = "cpu") -> Setup:
     """``impl`` "torch" or "amp_engine": that side of ``recipe`` (see the module docstring)."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     if impl not in ("torch", "amp_engine"):
         raise ValueError(f"impl must be 'torch' or 'amp_engine', got {impl!r}")
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(NUMEL, generator=gen).to(dtype).requires_grad_() for _ in range(n)]
-    pool = [[torch.randn(NUMEL, generator=gen).to(dtype) for _ in range(n)] for _ in range(3)]
+    params = [torch.randn(NUMEL, generator=gen).to(device, dtype).requires_grad_() for _ in range(n)]
+    pool = [[torch.randn(NUMEL, generator=gen).to(device, dtype) for _ in range(n)] for _ in range(3)]
     ours = impl == "amp_engine"
-    scaler = _scaler(ours)
-    scaler.scale(torch.ones((), dtype=torch.float32))  # lazy init of the scale
+    scaler = _scaler(ours, device)
+    scaler.scale(torch.ones((), dtype=torch.float32, device=device))  # lazy init of the scale
     kind = recipe.split("-")[1]
     masters = None
     if recipe.startswith("ours-") and ours:
@@ -144,13 +173,16 @@ def build(recipe: str, impl: str, dtype: torch.dtype, n: int, clip: bool) -> Set
 
 
 def measure(recipe: str, impl: str, dtype: torch.dtype, n: int, clip: bool,
-            warmup: int = 3) -> Counter:
-    """The ops of one steady-state step (after ``warmup`` steps: lazy state is made)."""
-    setup = build(recipe, impl, dtype, n, clip)
+            warmup: int = 3, device: str = "cpu", launches: bool = False) -> Counter:
+    """The ops of one steady-state step (after ``warmup`` steps: lazy state is made);
+    with ``launches``, what the step ran on the GPU instead (count_launches)."""
+    setup = build(recipe, impl, dtype, n, clip, device)
     for i in range(warmup):
         setup.load(i)
         setup.step()
     setup.load(warmup)
+    if launches:
+        return count_launches(setup.step, device)
     return count_ops(setup.step)
 
 
@@ -194,20 +226,38 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="24,240", help="param tensor counts (default 24,240)")
     ap.add_argument("--verbose", action="store_true", help="list the ops of each side")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--launches", action="store_true",
+                    help="also count the GPU's kernels, memcpys and memsets per step "
+                         "(torch.profiler; needs --device cuda)")
     args = ap.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(","))
-    missing = contract_missing()
+    if args.launches and torch.device(args.device).type != "cuda":
+        ap.error(f"--launches counts GPU launches: it needs --device cuda, got {args.device!r}")
+    missing = contract_missing(args.device)
     if missing:
         print(f"note: {missing}; amp_engine's counts include the reference's completion\n")
-    print("| recipe | dtype | tensors | clip | torch | amp_engine |")
-    print("|---|---|---|---|---|---|")
+    head = "| recipe | dtype | tensors | clip | ops: torch | ops: amp_engine |"
+    rule = "|---|---|---|---|---|---|"
+    if args.launches:
+        head += " GPU launches: torch | GPU launches: amp_engine |"
+        rule += "---|---|"
+    print(head)
+    print(rule)
     for recipe, dname, n, clip in cases(sizes):
-        t = measure(recipe, "torch", DTYPES[dname], n, clip)
-        o = measure(recipe, "amp_engine", DTYPES[dname], n, clip)
-        print(f"| {recipe} | {dname} | {n} | {'yes' if clip else 'no'} | {sum(t.values())} "
-              f"| {sum(o.values())} |", flush=True)
+        sides = {}
+        for impl in ("torch", "amp_engine"):
+            sides[impl] = [measure(recipe, impl, DTYPES[dname], n, clip, device=args.device)]
+            if args.launches:
+                sides[impl].append(measure(recipe, impl, DTYPES[dname], n, clip,
+                                           device=args.device, launches=True))
+        row = f"| {recipe} | {dname} | {n} | {'yes' if clip else 'no'} |"
+        for k in range(len(sides["torch"])):
+            row += f" {sum(sides['torch'][k].values())} | {sum(sides['amp_engine'][k].values())} |"
+        print(row, flush=True)
         if args.verbose:
-            print(f"    torch: {dict(t)}\n    ours:  {dict(o)}")
+            for impl, counts in sides.items():
+                print(f"    {impl}: " + "; ".join(str(dict(c)) for c in counts))
     return 0
 
 

@@ -62,12 +62,12 @@ def main(outdir: str) -> int:
                                + (f" … (+{len(c['failed_ids']) - 30})" if len(c["failed_ids"]) > 30 else ""))
             if c["skip_reasons"]:
                 details.append(f"**{name}**: skip reasons: " + "; ".join(f"{n}× {m}" for m, n in c["skip_reasons"]))
-    for log_name in ("smoke.log", "bench.log"):
+    for log_name in ("smoke.log", "launches.log", "bench.log"):
         log = out / log_name
         if log.exists():
             text = log.read_text(errors="replace")
             picked = [ln for ln in text.splitlines() if re.match(r"(TIME|FAIL|SMOKE)\b", ln)
-                      or (log_name == "bench.log" and ln.startswith("|"))]
+                      or (log_name in ("bench.log", "launches.log") and ln.startswith("|"))]
             if log_name == "smoke.log":
                 n_pass, n_fail = len(re.findall(r"^PASS ", text, re.M)), len(re.findall(r"^FAIL ", text, re.M))
                 picked.insert(0, f"smoke checks: {n_pass} passed, {n_fail} failed")

@@ -56,3 +56,35 @@ def test_the_counter_sees_every_op():
             a.add_(1).mul_(2)
     ops = op_count.count_ops(step)
     assert _total(ops) == 3 and not any(k.startswith("profiler::") for k in ops)
+
+
+def test_device_events_counts_what_ran_on_that_device():
+    """The launch counter's filter (run on CPU events here: no GPU needed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.ones(8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        a.add_(1).mul_(2)
+        a.add_(3)
+    cpu = op_count.device_events(prof.events(), torch.autograd.DeviceType.CPU)
+    assert cpu["aten::add_"] == 2 and cpu["aten::mul_"] == 1
+    assert op_count.device_events(prof.events(), torch.autograd.DeviceType.CUDA) == {}
+
+
+def test_launches_need_a_cuda_device():
+    with pytest.raises(ValueError, match="device='cpu'"):
+        op_count.count_launches(lambda: None, "cpu")
+    with pytest.raises(SystemExit):
+        op_count.main(["--launches", "--sizes", "1"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("recipe", ["torch-fused", "ours-adamw"])
+def test_never_more_gpu_launches_than_torch(recipe):
+    """On a GPU each launch costs host and device time: count what really ran."""
+    theirs = op_count.measure(recipe, "torch", torch.float32, 24, True, device="cuda", launches=True)
+    ours = op_count.measure(recipe, "amp_engine", torch.float32, 24, True, device="cuda",
+                            launches=True)
+    assert sum(theirs.values()) > 0
+    assert _total(ours) <= _total(theirs), f"ours {dict(ours)}\ntorch {dict(theirs)}"
