@@ -18,7 +18,8 @@ import logging
 import sys
 
 from amp_engine import _optional
-from amp_engine.demo.run import CPU_FP16_STEPS, DEFAULT_STEPS
+from amp_engine.demo.run import (CPU_FP16_STEPS, DEFAULT_BATCH, DEFAULT_STEPS, EMULATED_CPU_BATCH,
+                                  EMULATED_CPU_STEPS, default_size)
 
 BENCHES = ("ops", "scaler", "optim")  # amp_engine.bench.<name>_bench, each with run() and main()
 
@@ -83,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a small character-level transformer on text shipped with "
                                       "Python, in fp32 and with amp_engine mixed precision (same seed, same "
                                       "batches); print a comparison table and write stats JSON and plots.")
-    demo.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
-                      help=f"training steps per run (default {DEFAULT_STEPS})")
+    demo.add_argument("--steps", type=_positive_int, default=None,
+                      help=f"training steps per run (default {DEFAULT_STEPS}; {EMULATED_CPU_STEPS} on a CPU "
+                           "without native bf16 math, where 16-bit runs are emulated)")
     demo.add_argument("--device", type=_device, default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
     demo.add_argument("--dtype", choices=("auto", "bf16", "fp16", "both"), default="auto",
                       help="AMP dtype: auto = fp16 (with loss scaling) and bf16, the fp16 run short on a CPU "
@@ -95,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--memory-efficient", action="store_true",
                       help="one more run with memory_efficient=True: bf16 weights (stochastic rounding, no "
                            "master), bf16 grads and 8-bit Adam moments (~6 bytes/param vs fp32's 16)")
-    demo.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per step (default 32)")
+    demo.add_argument("--batch-size", type=_positive_int, default=None,
+                      help=f"sequences per step (default {DEFAULT_BATCH}; {EMULATED_CPU_BATCH} on a CPU "
+                           "without native bf16 math)")
     demo.add_argument("--output", default="amp_demo_output", help="output folder (default amp_demo_output/)")
     demo.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default 0)")
     demo.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -142,7 +146,12 @@ def _version() -> str:
 def cmd_demo(args) -> int:
     from amp_engine.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(steps=args.steps, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+    steps, batch, why = default_size(args.device)
+    if args.steps is None and args.batch_size is None and why:
+        print(f"note: {why}")
+    steps = steps if args.steps is None else args.steps
+    batch = batch if args.batch_size is None else args.batch_size
+    opts = DemoOptions(steps=steps, device=args.device, dtype=args.dtype, batch_size=batch,
                        seed=args.seed, output=args.output, plots=not args.no_plots, threads=args.threads,
                        progress=False if args.no_progress else None, memory_efficient=args.memory_efficient,
                        fp16_steps=args.fp16_steps)

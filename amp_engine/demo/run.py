@@ -41,6 +41,13 @@ DEFAULT_STEPS = 150
 # steps at growth_interval 8)
 CPU_FP16_STEPS = 20
 CPU_FP16_GROWTH_INTERVAL = 4
+# `amp-engine demo` without --steps / --batch-size on a CPU with no native bf16 math (no
+# AVX512-BF16 or AMX): torch converts every 16-bit matmul around a scalar loop there,
+# ~10x slower than fp32 (the full size took 17.5 min on a 2-core AVX2 EPYC), so the CLI
+# picks a smaller run that stays near a minute and says so.
+EMULATED_CPU_STEPS = 40
+EMULATED_CPU_BATCH = 8
+DEFAULT_BATCH = 32
 
 
 @dataclass
@@ -50,7 +57,7 @@ class DemoOptions:
     steps: int = DEFAULT_STEPS
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     dtype: str = "auto"           # auto | bf16 | fp16 | both (fp16 and bf16)
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH
     seed: int = 0
     output: str = "amp_demo_output"
     plots: bool = True
@@ -115,6 +122,25 @@ class DemoOptions:
         fast = min(self.growth_interval, CPU_FP16_GROWTH_INTERVAL)
         return [RunSpec(r.name, r.amp_dtype, r.steps, r.memory_efficient, fast)
                 if r.amp_dtype == "fp16" and self.short_fp16() else r for r in out]
+
+
+def default_size(device: str = "auto", native_bf16: bool | None = None) -> tuple[int, int, str | None]:
+    """(steps, batch_size, why) for a demo whose size was not given: DEFAULT_STEPS x
+    DEFAULT_BATCH, or the short run on a CPU without native bf16 math (``why`` says so;
+    ``native_bf16`` None: read it from this CPU, amp_engine.hardware)."""
+    if DemoOptions(device=device).resolved_device().type != "cpu":
+        return DEFAULT_STEPS, DEFAULT_BATCH, None
+    if native_bf16 is None:
+        from amp_engine import hardware
+
+        native_bf16 = hardware.bf16_support()["native_bf16"]
+    if native_bf16 is not False:  # native, or unknown: the full demo
+        return DEFAULT_STEPS, DEFAULT_BATCH, None
+    return EMULATED_CPU_STEPS, EMULATED_CPU_BATCH, (
+        f"this CPU has no native bf16/fp16 math (no AVX512-BF16 or AMX): the 16-bit runs are "
+        f"emulated, ~10x slower than fp32, so the demo runs {EMULATED_CPU_STEPS} steps of batch "
+        f"{EMULATED_CPU_BATCH} (about a minute); --steps {DEFAULT_STEPS} --batch-size "
+        f"{DEFAULT_BATCH} runs the full size")
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,31 @@ def test_cli_flags(tmp_path, capsys):
     # fp16 weights with fp32 masters and 8-bit moments: ~10 bytes/param
     assert 9 < runs["fp16-lowmem"]["state_bytes_per_param"] < 11
     assert "| fp16-lowmem |" in capsys.readouterr().out
+
+
+def test_default_size_shrinks_only_where_16_bit_math_is_emulated():
+    from amp_engine.demo.run import DEFAULT_BATCH, DEFAULT_STEPS, default_size
+
+    steps, batch, why = default_size("cpu", native_bf16=False)
+    assert (steps, batch) != (DEFAULT_STEPS, DEFAULT_BATCH) and steps < DEFAULT_STEPS and batch < DEFAULT_BATCH
+    assert "no native bf16" in why and f"--steps {DEFAULT_STEPS} --batch-size {DEFAULT_BATCH}" in why
+    assert default_size("cpu", native_bf16=True) == (DEFAULT_STEPS, DEFAULT_BATCH, None)
+    assert default_size("cpu", native_bf16=None)[:2] in ((DEFAULT_STEPS, DEFAULT_BATCH), (steps, batch))
+
+
+def test_cli_uses_the_short_size_unless_told(monkeypatch, capsys):
+    """`amp-engine demo` on an emulated-bf16 CPU: the short run, with a note; the flags win."""
+    from amp_engine import cli
+    from amp_engine.demo import run as demo_run
+
+    seen = []
+    monkeypatch.setattr("amp_engine.demo.run_demo", lambda opts, echo=None: seen.append(opts))
+    monkeypatch.setattr(cli, "default_size", lambda device: demo_run.default_size(device, native_bf16=False))
+    assert cli.main(["demo", "--device", "cpu", "--no-plots"]) == 0
+    assert (seen[-1].steps, seen[-1].batch_size) == (demo_run.EMULATED_CPU_STEPS, demo_run.EMULATED_CPU_BATCH)
+    assert "no native bf16" in capsys.readouterr().out
+    assert cli.main(["demo", "--device", "cpu", "--steps", "7", "--no-plots"]) == 0
+    assert (seen[-1].steps, seen[-1].batch_size) == (7, demo_run.EMULATED_CPU_BATCH)
+    assert "note:" not in capsys.readouterr().out
+    assert cli.main(["demo", "--device", "cpu", "--batch-size", "3", "--no-plots"]) == 0
+    assert (seen[-1].steps, seen[-1].batch_size) == (demo_run.EMULATED_CPU_STEPS, 3)
