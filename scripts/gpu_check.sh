@@ -158,6 +158,7 @@ elif [ -f benchmarks/bench_ops.py ]; then
   BENCHES=(benchmarks/bench_ops.py)
 fi
 BENCH_EACH=45
+LAUNCHES_S=45  # op_count --launches on the GPU (24 tensors)
 PYTEST=("$PY" -m pytest -q -ra -p no:cacheprovider --maxfail=50)
 if [ $HAS_PYTEST = 0 ]; then
   not_run "cuda tests" "pytest is missing"
@@ -166,7 +167,7 @@ elif [ "${HAS_GPU:-0}" = 1 ]; then
   # TRITON_INTERPRET=0: the real GPU Triton (tests/conftest.py would turn the interpreter on)
   stage "cuda tests" pytest_cuda.log junit_cuda.xml 200 \
     env TRITON_INTERPRET=0 "${PYTEST[@]}" tests -m "cuda and not slow" --junitxml="$OUTDIR/junit_cuda.xml"
-  REST=$(($(time_left) - 20 - BENCH_EACH * ${#BENCHES[@]}))
+  REST=$(($(time_left) - 20 - BENCH_EACH * ${#BENCHES[@]} - LAUNCHES_S))
   stage "rest of the tests" pytest_rest.log junit_rest.xml "$REST" \
     env TRITON_INTERPRET=0 "${PYTEST[@]}" tests -m "not cuda and not slow" --junitxml="$OUTDIR/junit_rest.xml"
 else
@@ -189,7 +190,7 @@ for b in "${BENCHES[@]}"; do
 done
 # launches per step on the GPU (profiler: kernels, memcpys, memsets) beside torch's
 if [ "${HAS_GPU:-0}" = 1 ]; then
-  stage "launches per step (cuda)" launches.log - 90 "$PY" -m amp_engine.bench.op_count --device cuda --launches --sizes 24,240
+  stage "launches per step (cuda)" launches.log - "$LAUNCHES_S" "$PY" -m amp_engine.bench.op_count --device cuda --launches --sizes 24
 fi
 # the tables inline, readable without opening the folders
 find "$OUTDIR/bench" -type f -name '*.md' -size -200k 2>/dev/null | sort | while read -r f; do
