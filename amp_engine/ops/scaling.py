@@ -77,7 +77,7 @@ def unscale_and_check_(
             non-finite elements is added to its slot (overflow attribution).
         backend: None (fastest for the device), "cuda", "triton", "cpp" or "reference".
     """
-    grads = list(grads)
+    grads = grads if type(grads) is list else list(grads)  # no copy of the scaler's list
     device = _device_of(grads, found_inf)
     name = dispatch.select(backend, device, "unscale_and_check_")
     if name in ("cpp", "cuda"):
@@ -107,7 +107,7 @@ def grad_norm_and_check(
     are updated exactly as by :func:`unscale_and_check_`, so the clip pass and
     the inf check are one pass over the grads.
     """
-    grads = list(grads)
+    grads = grads if type(grads) is list else list(grads)  # no copy of the scaler's list
     device = _device_of(grads, found_inf)
     name = dispatch.select(backend, device, "grad_norm_and_check")
     if max_norm is not None and not isinstance(max_norm, bool) and isinstance(max_norm, int):

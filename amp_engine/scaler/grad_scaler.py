@@ -130,6 +130,7 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
         self._param_names: dict[int, tuple[weakref.ref, str]] = {}
         self._last_step_found_inf: Tensor | bool | None = None
         self._counts_base: Tensor | None = None  # overflow counts after the last all-reduce
+        self._hyst_for: tuple = (None, None)  # (scale, tracker) that _hyst last checked
 
     # ----------------------------------------------------------- device state
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
@@ -145,9 +146,13 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
         function of torch.amp, so an inherited method breaks the graph.
         """
         if self._enabled and isinstance(outputs, Tensor):
-            if self._scale is None:
+            scale = self._scale
+            if scale is None:
                 self._lazy_init_scale_growth_tracker(outputs.device)
-            return outputs * self._scale.to(device=outputs.device, non_blocking=True)
+                scale = self._scale
+            if outputs.device != scale.device:  # (a same-device .to() is a no-op call)
+                scale = scale.to(device=outputs.device, non_blocking=True)
+            return outputs * scale
         return super().scale(outputs)
 
     def _check_scale_growth_tracker(self, funcname: str) -> tuple[Tensor, Tensor]:
@@ -161,11 +166,15 @@ class GradScaler(CheckMixin, ClipMixin, StateMixin, torch.amp.GradScaler):
 
     def _hyst(self) -> Tensor:
         scale = self._scale
+        hyst = self._hysteresis_tracker
+        if self._hyst_for[0] is scale and self._hyst_for[1] is hyst and self._stats.device is not None:
+            return hyst  # checked already for these tensors: no device objects made per step
         if self._hysteresis_tracker is None or self._hysteresis_tracker.device != scale.device:
             # _scale set from outside (torch's tests do): follow it
             self._hysteresis_tracker = torch.full((), self._init_hysteresis_tracker,
                                                   dtype=torch.int32, device=scale.device)
         self._stats.lazy_init(scale.device)
+        self._hyst_for = (scale, self._hysteresis_tracker)
         return self._hysteresis_tracker
 
     def _check_unscale_stage(self, optimizer, what: str) -> dict:

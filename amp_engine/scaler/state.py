@@ -237,7 +237,7 @@ class StateMixin:
             state["_init_hysteresis_tracker"] = self._get_hysteresis_tracker()
             state["_hysteresis_tracker"] = None
         for key in ("_grad_cache", "_inv_cache", "_param_names", "_last_step_found_inf",
-                    "_n_optimizers_seen", "_counts_base", "_parity"):
+                    "_n_optimizers_seen", "_counts_base", "_parity", "_hyst_for"):
             state.pop(key, None)
         return state
 

@@ -95,6 +95,53 @@ inline __m256 widen8(const Half* p) {
 }
 #endif
 
+#if defined(AMP_ENGINE_AVX2) && !defined(AMP_ENGINE_AVX512)
+// AVX2: the same 16 lanes, additions and final association as the generic struct
+// below, held in four registers (GCC 12 spills the generic one's 64-byte vectors to
+// the stack on every add16: 2-3x slower).
+struct LaneSums {
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
+                    _mm256_setzero_pd()};  // lanes 0-3, 4-7, 8-11, 12-15
+
+  template <class T>
+  void add16(const T* p, float inv) {
+    const __m256 v_inv = _mm256_set1_ps(inv);
+    const __m256 u_lo = _mm256_mul_ps(widen8(p), v_inv);
+    const __m256 u_hi = _mm256_mul_ps(widen8(p + 8), v_inv);
+    const __m256d d[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(u_lo)),
+                          _mm256_cvtps_pd(_mm256_extractf128_ps(u_lo, 1)),
+                          _mm256_cvtps_pd(_mm256_castps256_ps128(u_hi)),
+                          _mm256_cvtps_pd(_mm256_extractf128_ps(u_hi, 1))};
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_add_pd(acc[k], _mm256_mul_pd(d[k], d[k]));
+  }
+  void add16(const double* p, double inv) {
+    const __m256d v_inv = _mm256_set1_pd(inv);
+    for (int k = 0; k < 4; ++k) {
+      const __m256d u = _mm256_mul_pd(_mm256_loadu_pd(p + 4 * k), v_inv);
+      acc[k] = _mm256_add_pd(acc[k], _mm256_mul_pd(u, u));
+    }
+  }
+  // p[0, n), n a multiple of 16 except for a chunk's last call.
+  template <class T, class Inv>
+  void add(const T* p, int64_t n, Inv inv) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) add16(p + i, inv);
+    if (i == n) return;
+    alignas(32) double lanes[16];
+    for (int k = 0; k < 4; ++k) _mm256_store_pd(lanes + 4 * k, acc[k]);
+    for (int j = 0; i + j < n; ++j) {
+      const double u = widen(p[i + j]) * inv;  // fp32 product for fp32/16-bit data
+      lanes[j] += u * u;
+    }
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_load_pd(lanes + 4 * k);
+  }
+  double sum() const {  // a[j] = lane j + lane j+8, then pairwise: as the generic sum()
+    const __m256d a = _mm256_add_pd(_mm256_add_pd(acc[0], acc[2]), _mm256_add_pd(acc[1], acc[3]));
+    const __m128d b = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(b, _mm_unpackhi_pd(b, b)));
+  }
+};
+#else
 struct LaneSums {
   f64x8 lo = {};  // lanes 0-7
   f64x8 hi = {};  // lanes 8-15
@@ -135,27 +182,6 @@ struct LaneSums {
   template <class T, class Inv>
   void add(const T* p, int64_t n, Inv inv) {
     int64_t i = 0;
-#if defined(AMP_ENGINE_AVX2) && !defined(AMP_ENGINE_AVX512)
-    // AVX2: the 16 lanes in four registers for the whole loop (GCC 12 spills the
-    // 64-byte vector members to the stack on every add16: 3x slower).
-    if constexpr (!std::is_same_v<T, double>) {
-      __m256d acc[4];
-      std::memcpy(acc, &lo, sizeof lo);
-      std::memcpy(acc + 2, &hi, sizeof hi);
-      const __m256 v_inv = _mm256_set1_ps(inv);
-      for (; i + 16 <= n; i += 16) {
-        const __m256 u_lo = _mm256_mul_ps(widen8(p + i), v_inv);
-        const __m256 u_hi = _mm256_mul_ps(widen8(p + i + 8), v_inv);
-        const __m256d d[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(u_lo)),
-                              _mm256_cvtps_pd(_mm256_extractf128_ps(u_lo, 1)),
-                              _mm256_cvtps_pd(_mm256_castps256_ps128(u_hi)),
-                              _mm256_cvtps_pd(_mm256_extractf128_ps(u_hi, 1))};
-        for (int k = 0; k < 4; ++k) acc[k] = _mm256_add_pd(acc[k], _mm256_mul_pd(d[k], d[k]));
-      }
-      std::memcpy(&lo, acc, sizeof lo);
-      std::memcpy(&hi, acc + 2, sizeof hi);
-    }
-#endif
     for (; i + 16 <= n; i += 16) add16(p + i, inv);
     for (int j = 0; i + j < n; ++j) {
       const double u = widen(p[i + j]) * inv;  // fp32 product for fp32/16-bit data
@@ -171,6 +197,7 @@ struct LaneSums {
     return a[0];
   }
 };
+#endif
 
 // The largest magnitude among fp16/bf16 bit patterns (their order is that of
 // the unsigned bits with the sign cleared; inf and NaN come last).
