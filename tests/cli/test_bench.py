@@ -1,12 +1,15 @@
 """`amp-engine bench`: the table, the JSON and the chart, at tiny sizes."""
 import json
 
+import pytest
+
 from amp_engine.bench import ops_bench
 from amp_engine.cli import main
 
 
 def test_bench_quick_table(tmp_path, capsys, monkeypatch):
     # tiny cases: the test checks the plumbing, not the numbers
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib (the demo extra)")
     monkeypatch.setattr(ops_bench, "cases", lambda quick, *sizes: [("tiny fp32 in 4 tensors", [1000, 5, 123, 4097])])
     assert main(["bench", "--quick", "--only", "ops", "--device", "cpu", "--min-run-time", "0.01",
                  "--output", str(tmp_path)]) == 0
