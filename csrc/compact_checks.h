@@ -96,18 +96,9 @@ inline Device check_adam_compact_args(
 // the row-major index, so any non-contiguous one makes all of them contiguous
 // copies (written back afterwards). The absmax lists are flat already.
 inline Entry make_row_major_entry(TensorList ts, std::vector<bool> writable) {
-  Entry e;
   bool walk = true;
   for (const Tensor& t : ts) walk = walk && t.is_contiguous();
-  e.writable = std::move(writable);
-  e.copied = !walk;
-  if (walk) {
-    e.work = std::move(ts);
-  } else {
-    e.original = ts;
-    for (const Tensor& t : ts) e.work.push_back(torch::stable::contiguous(t));
-  }
-  return e;
+  return entry_of(std::move(ts), std::move(writable), walk);
 }
 
 // The absmax of param i's moment, or nullptr when the moment is not 8-bit.

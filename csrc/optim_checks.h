@@ -142,10 +142,10 @@ struct Entry {
   bool copied = false;
 };
 
-inline Entry make_entry(TensorList ts, std::vector<bool> writable) {
+// `ts` as the kernel walks them: the tensors themselves when `walk`, else contiguous
+// copies of all of them (write_back copies the writable ones back).
+inline Entry entry_of(TensorList ts, std::vector<bool> writable, bool walk) {
   Entry e;
-  bool walk = true;
-  for (const Tensor& t : ts) walk = walk && is_dense(t) && same_layout(t, ts[0]);
   e.writable = std::move(writable);
   e.copied = !walk;
   if (walk) {
@@ -155,6 +155,12 @@ inline Entry make_entry(TensorList ts, std::vector<bool> writable) {
     for (const Tensor& t : ts) e.work.push_back(torch::stable::contiguous(t));
   }
   return e;
+}
+
+inline Entry make_entry(TensorList ts, std::vector<bool> writable) {
+  bool walk = true;
+  for (const Tensor& t : ts) walk = walk && is_dense(t) && same_layout(t, ts[0]);
+  return entry_of(std::move(ts), std::move(writable), walk);
 }
 
 inline void write_back(Entry& e) {

@@ -111,8 +111,24 @@ def available_backends(device: torch.device | str = "cpu", op: str = DEFAULT_OP)
     return seen
 
 
+# AMP_ENGINE_BACKEND is read on every op call without os.environ.get's encode/decode
+# (~1 us, a tenth of a small step's host time): os._Environ's own dict, where the
+# platform has it, keyed by the encoded name; a changed value (monkeypatch.setenv,
+# os.environ[...] = ...) is seen at the next call, as with os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("AMP_ENGINE_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _env_raw():
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        return _ENV_DATA.get(_ENV_KEY)
+    return os.environ.get("AMP_ENGINE_BACKEND")
+
+
 @functools.lru_cache(maxsize=None)
-def _default_backend(device_type: str, env: str | None, op: str) -> str:
+def _default_backend(device_type: str, env_raw, op: str) -> str:
+    """The default for (device type, the variable's raw value as _env_raw reads it, op)."""
+    env = os.environ.get("AMP_ENGINE_BACKEND") or None  # env_raw, decoded
     if env:
         reason = unavailable_reason(env, device_type, op)
         if reason is not None:
@@ -124,33 +140,10 @@ def _default_backend(device_type: str, env: str | None, op: str) -> str:
     return "reference"
 
 
-# AMP_ENGINE_BACKEND read on every op call without os.environ.get's encode/decode
-# (~1 us, a tenth of a small step's host time): os._Environ's own dict, where the
-# platform has it, keyed by the encoded name; a changed value (monkeypatch.setenv,
-# os.environ[...] = ...) is seen at the next call, as with os.environ.get.
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey("AMP_ENGINE_BACKEND") if hasattr(os.environ, "encodekey") else None
-_SELECTED: dict[tuple[str, str], tuple[object, str]] = {}  # (device type, op) -> (raw env, backend)
-
-
-def _env_raw():
-    if _ENV_DATA is not None and _ENV_KEY is not None:
-        return _ENV_DATA.get(_ENV_KEY)
-    return os.environ.get("AMP_ENGINE_BACKEND")
-
-
 def select(backend: str | None, device: torch.device, op: str = DEFAULT_OP) -> str:
     """The backend to run `op` on `device`: `backend` if given (checked), else the default."""
     if backend is None:
-        key = (device.type, op)
-        raw = _env_raw()
-        hit = _SELECTED.get(key)
-        if hit is not None and hit[0] == raw:
-            return hit[1]
-        env = os.environ.get("AMP_ENGINE_BACKEND") or None
-        name = _default_backend(device.type, env, op)
-        _SELECTED[key] = (raw, name)
-        return name
+        return _default_backend(device.type, _env_raw(), op)
     reason = _checked(backend, device.type, op)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run {op} on {device}: {reason}")

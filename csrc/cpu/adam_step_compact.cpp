@@ -53,22 +53,15 @@ inline void load_moment(MomentFormat f, const void* src, const float* absmax, in
   }
 }
 
-// 8-bit: the block's absmax (max |x|, NaN if any x is NaN; flushed below 2**-126).
-// The max is taken on the bits of |x| (ordered like the values, NaNs above inf), an
-// integer reduction that vectorizes; a block holding a NaN takes absmax_fold's
-// NaN (the first one, sign cleared), as every backend does.
+// 8-bit: the block's absmax (m8::absmax_from_max_bits: max |x| from an integer max of
+// the bits, NaN if any x is NaN; flushed below 2**-126).
 inline float block_absmax(const float* __restrict x, int64_t n) {
   uint32_t mx = 0;
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t a = m8::to_bits(x[k]) & 0x7FFFFFFFu;
     mx = a > mx ? a : mx;
   }
-  if (mx > 0x7F800000u) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < n; ++k) acc = m8::absmax_fold(acc, x[k]);
-    return acc;
-  }
-  return m8::absmax_flush(m8::from_bits(mx));
+  return m8::absmax_from_max_bits(mx, x, n);
 }
 
 template <bool kSigned>

@@ -141,17 +141,6 @@ AMP_ENGINE_AVX2_INLINE __m256 adam_update8(const math::AdamCoeffs<float>& s, con
   return _mm256_add_ps(w, _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps(t.neg_step_size), m), denom));
 }
 
-// The stored absmax from the max of |x|'s bits over a block (NaN bits sort above
-// inf's: a block holding a NaN takes the scalar fold's NaN, as every backend does).
-inline float block_absmax_from_bits(uint32_t mx, const float* x, int64_t n) {
-  if (mx > 0x7F800000u) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < n; ++k) acc = absmax_fold(acc, x[k]);
-    return acc;
-  }
-  return absmax_flush(from_bits(mx));
-}
-
 // One block (n <= 256 elements) of the step with both moments 8-bit: g the grads
 // and w the weights in fp32 (memory or the caller's buffers; w is updated in place),
 // mc / vc the codes, *ma / *va the block's absmax (read, then rewritten). Three
@@ -192,8 +181,8 @@ inline void step_block8(const math::AdamCoeffs<float>& s, const math::AdamStepTe
     xm = std::max(xm, to_bits(m_buf[k]) & 0x7FFFFFFFu);
     xv = std::max(xv, to_bits(v_buf[k]) & 0x7FFFFFFFu);
   }
-  const float a_m = block_absmax_from_bits(xm, m_buf, n);
-  const float a_v = block_absmax_from_bits(xv, v_buf, n);
+  const float a_m = absmax_from_max_bits(xm, m_buf, n);
+  const float a_v = absmax_from_max_bits(xv, v_buf, n);
   *ma = a_m;
   *va = a_v;
 

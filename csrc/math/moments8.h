@@ -57,6 +57,19 @@ AMP_ENGINE_M8_HD inline float absmax_flush(float absmax) {
   return absmax < pow2(-126) ? 0.0f : absmax;
 }
 
+// The stored absmax of a block x[0, n) from mx, the max over its elements of the
+// bits of |x| (ordered like the values, NaNs above inf: an integer max that
+// vectorizes). A block holding a NaN takes absmax_fold's NaN (the first one, sign
+// cleared), as every backend does. Host code: the CPU kernels' scalar and AVX2 paths.
+inline float absmax_from_max_bits(uint32_t mx, const float* x, int64_t n) {
+  if (mx > 0x7F800000u) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < n; ++k) acc = absmax_fold(acc, x[k]);
+    return acc;
+  }
+  return absmax_flush(from_bits(mx));
+}
+
 // The per-block encoding multiplier: maxval / absmax (0 for a flushed block, and
 // for a NaN absmax, as the reference's torch.where(absmax > 0, ...)).
 AMP_ENGINE_M8_HD inline float encode_scale(float absmax, int m) {
